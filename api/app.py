@@ -1,0 +1,56 @@
+"""The FastAPI application: wiring only. Routes are in api/routes, logic in core/."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from api import problems
+from api.routes import generations, jobs, outputs, subjects, system
+from core.db.engine import make_engine, make_sessionmaker
+from core.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from core.settings import Settings, get_settings
+from core.storage import blob_store_from_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings)
+        app.state.settings = settings
+        app.state.sessions = make_sessionmaker(engine)
+        app.state.store = blob_store_from_settings(settings)
+        yield
+        await engine.dispose()
+
+    app = FastAPI(
+        title="atelier",
+        summary="Photos + a prompt in; images of that person in clothes they can buy out.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    for module in (subjects, generations, jobs, outputs, system):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def record_metrics(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        # Label by route template, not raw path, so ids don't explode cardinality.
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        HTTP_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+        HTTP_LATENCY.labels(request.method, route).observe(time.perf_counter() - started)
+        return response
+
+    return app
+
+
+app = create_app()

@@ -1,0 +1,121 @@
+"""Request and response bodies of the public API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from core.db.models import Job, Output, Subject
+from core.generations import MAX_SEED
+
+
+class SubjectOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    class_noun: str
+    token: str = Field(description="rare-token identifier the subject's LoRA is bound to")
+    photo_count: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, subject: Subject, photo_count: int) -> SubjectOut:
+        return cls(
+            id=subject.id,
+            name=subject.name,
+            class_noun=subject.class_noun,
+            token=subject.token,
+            photo_count=photo_count,
+            created_at=subject.created_at,
+        )
+
+
+class TrainIn(BaseModel):
+    steps: int | None = Field(None, ge=1, description="training steps (default: the profile's)")
+
+
+class GenerationIn(BaseModel):
+    subject_id: uuid.UUID
+    prompt: str = Field(description="what the subject wears, e.g. 'a Harry Potter costume'")
+    num_images: int = 4
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    negative_prompt: str = ""
+    steps: int | None = Field(None, ge=1, le=150)
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+
+
+class OutputOut(BaseModel):
+    id: uuid.UUID
+    url: str
+    media_type: str
+    seed: int | None
+    width: int
+    height: int
+
+    @classmethod
+    def of(cls, output: Output, base_url: str) -> OutputOut:
+        return cls(
+            id=output.id,
+            url=f"{base_url}/v1/outputs/{output.id}",
+            media_type=output.media_type,
+            seed=output.seed,
+            width=output.width,
+            height=output.height,
+        )
+
+
+class JobOut(BaseModel):
+    id: uuid.UUID
+    kind: str
+    status: str
+    subject_id: uuid.UUID | None
+    depends_on: uuid.UUID | None
+    stage: str
+    progress: float = Field(description="0..1 over the whole job")
+    progress_detail: dict[str, Any] = Field(
+        description="stage details: step, total, loss, eta_s when the stage reports them"
+    )
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    params: dict[str, Any]
+    error: dict[str, Any] | None
+    result: dict[str, Any] | None
+    outputs: list[OutputOut]
+    created_at: datetime
+    scheduled_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, job: Job, outputs: list[OutputOut] | None = None) -> JobOut:
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            status=job.status,
+            subject_id=job.subject_id,
+            depends_on=job.depends_on,
+            stage=job.stage,
+            progress=job.progress,
+            progress_detail=job.progress_detail,
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            cancel_requested=job.cancel_requested,
+            params=job.params,
+            error=job.error,
+            result=job.result,
+            outputs=outputs or [],
+            created_at=job.created_at,
+            scheduled_at=job.scheduled_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            updated_at=job.updated_at,
+        )
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None

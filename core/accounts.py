@@ -1,0 +1,56 @@
+"""Accounts and API keys. Keys are shown once and stored only as a sha256 hash."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.db.models import Account, ApiKey
+from core.errors import Unauthorized
+
+KEY_PREFIX = "atl_"
+# Characters of the key kept in clear to tell keys apart in listings and logs.
+_SHOWN_CHARS = 12
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewKey:
+    account_id: uuid.UUID
+    key_id: uuid.UUID
+    key: str  # the only time the whole key exists outside the client
+
+
+async def create_account_with_key(session: AsyncSession, name: str) -> NewKey:
+    account = Account(name=name)
+    session.add(account)
+    await session.flush()
+    return await create_key(session, account.id)
+
+
+async def create_key(session: AsyncSession, account_id: uuid.UUID) -> NewKey:
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(account_id=account_id, prefix=key[:_SHOWN_CHARS], key_hash=hash_key(key))
+    session.add(row)
+    await session.flush()
+    return NewKey(account_id=account_id, key_id=row.id, key=key)
+
+
+async def authenticate(session: AsyncSession, key: str | None) -> uuid.UUID:
+    """The account a bearer key belongs to; Unauthorized for anything else."""
+    if not key:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    row = await session.scalar(
+        select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
+    )
+    if row is None:
+        raise Unauthorized("invalid or revoked API key")
+    return row.account_id

@@ -1,0 +1,185 @@
+"""SQLModel tables: the source of truth for accounts, subjects, jobs and outputs.
+
+Blobs (photos, LoRA weights, images) live in the blob store; rows hold their keys.
+Everything a subject owns sits under the blob prefix ``subjects/<subject id>/`` so
+erasing a subject is one row cascade plus one prefix delete.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+TIMESTAMP = DateTime(timezone=True)
+
+
+def _created() -> Any:
+    return Field(default_factory=utcnow, sa_type=TIMESTAMP)
+
+
+def _when() -> Any:
+    return Field(default=None, sa_type=TIMESTAMP)
+
+
+def _fk(target: str, *, nullable: bool = False, index: bool = True) -> Any:
+    # ON DELETE CASCADE: erasing an account or subject erases what hangs off it.
+    return Field(
+        default=None,
+        sa_column=Column(
+            ForeignKey(target, ondelete="CASCADE"), nullable=nullable, index=index
+        ),
+    )
+
+
+class JobStatus(str, Enum):
+    queued = "queued"  # in Postgres, waiting for the scheduler
+    scheduled = "scheduled"  # handed to arq for a worker
+    running = "running"  # claimed by a worker that heartbeats
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED
+
+
+FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
+ACTIVE = frozenset({JobStatus.queued, JobStatus.scheduled, JobStatus.running})
+
+
+class JobKind(str, Enum):
+    train = "train"
+    generate = "generate"
+
+
+class Account(SQLModel, table=True):
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str
+    created_at: datetime = _created()
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    account_id: uuid.UUID = _fk("account.id")
+    # The first characters of the key, shown to humans to tell keys apart.
+    prefix: str = Field(index=True)
+    # sha256 of the whole key: keys are 256-bit random, so a fast hash is enough.
+    key_hash: str = Field(unique=True)
+    created_at: datetime = _created()
+    revoked_at: datetime | None = _when()
+
+
+class Subject(SQLModel, table=True):
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    account_id: uuid.UUID = _fk("account.id")
+    name: str = ""
+    class_noun: str
+    # The rare-token identifier DreamBooth binds this person to.
+    token: str
+    created_at: datetime = _created()
+
+
+class SubjectPhoto(SQLModel, table=True):
+    __tablename__ = "subject_photo"
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    subject_id: uuid.UUID = _fk("subject.id")
+    position: int
+    blob_key: str
+    width: int
+    height: int
+    sha256: str
+
+
+class Lora(SQLModel, table=True):
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    subject_id: uuid.UUID = _fk("subject.id")
+    job_id: uuid.UUID | None = Field(default=None)
+    profile: str
+    rank: int
+    steps: int
+    blob_key: str
+    bytes: int = Field(sa_type=BigInteger)
+    sha256: str
+    created_at: datetime = _created()
+
+
+class Job(SQLModel, table=True):
+    __table_args__ = (
+        # The scheduler's hot query: the oldest dispatchable jobs.
+        Index("ix_job_status_created", "status", "created_at"),
+        # A client retrying a POST with the same Idempotency-Key gets the same job.
+        UniqueConstraint("account_id", "idempotency_key", name="uq_job_idempotency"),
+    )
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    account_id: uuid.UUID = _fk("account.id")
+    subject_id: uuid.UUID | None = _fk("subject.id", nullable=True)
+    kind: JobKind = Field(sa_type=String(16))
+    status: JobStatus = Field(default=JobStatus.queued, sa_type=String(16), index=True)
+    priority: int = 0
+    idempotency_key: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)  # type: ignore[call-overload]
+    # A job that needs another to succeed first (generation waiting for training).
+    depends_on: uuid.UUID | None = Field(
+        default=None,
+        sa_column=Column(ForeignKey("job.id", ondelete="SET NULL"), nullable=True, index=True),
+    )
+    stage: str = "queued"
+    progress: float = 0.0
+    # Stage details: step/total, loss, eta_s... whatever the stage reports.
+    progress_detail: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)  # type: ignore[call-overload]
+    attempts: int = 0
+    max_attempts: int = 3
+    worker_id: str | None = None
+    # The transport's message id for the current dispatch (arq job id).
+    transport_id: str | None = None
+    cancel_requested: bool = False
+    error: dict[str, Any] | None = Field(default=None, sa_type=JSONB)  # type: ignore[call-overload]
+    result: dict[str, Any] | None = Field(default=None, sa_type=JSONB)  # type: ignore[call-overload]
+    created_at: datetime = _created()
+    updated_at: datetime = _created()
+    scheduled_at: datetime | None = _when()
+    started_at: datetime | None = _when()
+    heartbeat_at: datetime | None = _when()
+    finished_at: datetime | None = _when()
+
+
+class Output(SQLModel, table=True):
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    job_id: uuid.UUID = _fk("job.id")
+    subject_id: uuid.UUID = _fk("subject.id")
+    account_id: uuid.UUID = _fk("account.id")
+    kind: str = "image"
+    position: int
+    blob_key: str
+    media_type: str = "image/png"
+    seed: int | None = None
+    width: int
+    height: int
+    created_at: datetime = _created()
+
+
+class Worker(SQLModel, table=True):
+    """A worker process that announced itself; last_seen is its heartbeat."""
+
+    id: str = Field(primary_key=True)
+    name: str
+    device: str
+    vram_bytes: int = Field(default=0, sa_type=BigInteger)
+    queue: str
+    started_at: datetime = _created()
+    last_seen: datetime = _created()
+    stopped_at: datetime | None = _when()
+

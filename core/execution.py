@@ -1,0 +1,163 @@
+"""Running one job attempt on a worker: claim, heartbeat, run, record.
+
+The transport (arq) only delivers a job id; everything else is decided here
+against Postgres. A job that is not ``scheduled`` when its message arrives (a
+duplicate delivery, a job canceled meanwhile) is skipped. While it runs, a
+heartbeat writes progress into the row and reads back cancel requests; if the
+row is gone or taken over (subject erased, reaper gave up on us) the attempt
+stops and removes what it wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core import jobs
+from core.db.engine import session_scope
+from core.db.models import Job, JobKind, JobStatus
+from core.errors import AtelierError, Canceled, CheckpointMissing, ErrorKind
+from core.metrics import JOB_DURATION, JOBS_RUNNING
+from core.progress import ProgressTracker
+from core.settings import Settings
+from core.storage import BlobStore
+
+log = logging.getLogger("atelier.jobs")
+
+
+@dataclass
+class JobResult:
+    """What a handler produced: rows to commit with the success, blobs they point to."""
+
+    result: dict[str, Any]
+    rows: list[SQLModel] = field(default_factory=list)
+    blob_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class JobContext:
+    job: Job
+    settings: Settings
+    sessions: async_sessionmaker[AsyncSession]
+    store: BlobStore
+    progress: ProgressTracker
+    # Set when the client canceled or the job was taken from us: stop at the next step.
+    stop: threading.Event
+    # Blobs written so far, removed if the attempt does not end in success.
+    written: list[str] = field(default_factory=list)
+
+    async def put_blob(self, key: str, data: bytes) -> None:
+        self.written.append(key)
+        await self.store.put(key, data)
+
+    def raise_if_stopped(self) -> None:
+        if self.stop.is_set():
+            raise Canceled("stop requested")
+
+
+Handler = Callable[[JobContext], Awaitable[JobResult]]
+
+
+@dataclass
+class Executor:
+    settings: Settings
+    sessions: async_sessionmaker[AsyncSession]
+    store: BlobStore
+    worker_id: str
+    handlers: dict[JobKind, Handler]
+
+    async def execute(self, job_id: uuid.UUID) -> JobStatus | None:
+        """Run one attempt of the job; returns its status after, None if skipped."""
+        async with session_scope(self.sessions) as session:
+            job = await jobs.claim(session, job_id, self.worker_id)
+        if job is None:
+            log.info("job %s is not scheduled any more: skipped", job_id)
+            return None
+        ctx = JobContext(
+            job, self.settings, self.sessions, self.store, ProgressTracker(), threading.Event()
+        )
+        taken = asyncio.Event()
+        beat = asyncio.create_task(self._heartbeat(ctx, taken))
+        started = time.monotonic()
+        JOBS_RUNNING.inc()
+        log.info("job %s %s: attempt %d started", job.id, job.kind, job.attempts)
+        try:
+            outcome = await self._run(ctx, taken)
+        finally:
+            beat.cancel()
+            JOBS_RUNNING.dec()
+        label = outcome.value if outcome else "taken"
+        JOB_DURATION.labels(kind=job.kind, outcome=label).observe(time.monotonic() - started)
+        log.info("job %s %s: %s after %.1fs", job.id, job.kind, label, time.monotonic() - started)
+        if outcome is not JobStatus.succeeded:
+            for key in ctx.written:
+                await self.store.delete(key)
+        return outcome
+
+    async def _run(self, ctx: JobContext, taken: asyncio.Event) -> JobStatus | None:
+        job = ctx.job
+        try:
+            done = await self.handlers[JobKind(job.kind)](ctx)
+        except Canceled:
+            if taken.is_set():
+                return None
+            async with session_scope(self.sessions) as session:
+                ok = await jobs.acknowledge_cancel(session, job.id, self.worker_id)
+            return JobStatus.canceled if ok else None
+        except Exception as exc:  # every failure leaves the job retryable or inspectable
+            return await self._record_failure(job, exc)
+        async with session_scope(self.sessions) as session:
+            if not await jobs.complete(session, job.id, self.worker_id, done.result):
+                return None
+            session.add_all(done.rows)
+        return JobStatus.succeeded
+
+    async def _record_failure(self, job: Job, exc: Exception) -> JobStatus | None:
+        retryable = not isinstance(exc, AtelierError) or exc.kind is ErrorKind.unavailable
+        if isinstance(exc, CheckpointMissing):
+            retryable = False  # another attempt on this host cannot find it either
+        if isinstance(exc, AtelierError):
+            error = {"code": exc.code, "detail": exc.detail}
+        else:
+            log.exception("job %s %s failed", job.id, job.kind)
+            error = {"code": "internal", "detail": f"{type(exc).__name__}: {exc}"}
+        error["attempt"] = job.attempts
+        async with session_scope(self.sessions) as session:
+            return await jobs.give_up(session, job.id, self.worker_id, error, retryable=retryable)
+
+    async def _heartbeat(self, ctx: JobContext, taken: asyncio.Event) -> None:
+        job = ctx.job
+        while True:
+            snap = ctx.progress.snapshot()
+            try:
+                async with session_scope(self.sessions) as session:
+                    cancel = await jobs.heartbeat(
+                        session,
+                        job.id,
+                        self.worker_id,
+                        stage=snap.stage,
+                        progress=snap.progress,
+                        detail=snap.detail,
+                    )
+            except Exception:  # a database blip must not kill a long training run
+                log.warning("job %s: heartbeat failed, will retry", job.id, exc_info=True)
+                cancel = False
+            if cancel is None:
+                log.warning("job %s was taken from this worker: stopping", job.id)
+                taken.set()
+                ctx.stop.set()
+                return
+            if cancel:
+                ctx.stop.set()
+            log.info("job %s %s: %s", str(job.id)[:8], job.kind, snap.line())
+            await asyncio.sleep(self.settings.heartbeat_interval_s)

@@ -1,0 +1,145 @@
+"""What a client can ask for: train a subject, generate images of it.
+
+A generation needs the subject's LoRA for the active profile. If there is none,
+the generation waits on the subject's training job (an active one, or a new
+one created here): the scheduler only hands it out once training succeeded,
+and fails it with the reason if training did not.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core import jobs
+from core.db.models import Job, JobKind, Output
+from core.errors import InvalidInput
+from core.settings import Settings
+from core.subjects import get_subject, latest_lora
+
+# Seeds are recorded per image as seed + i; keep them in a range every generator takes.
+MAX_SEED = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    subject_id: uuid.UUID
+    prompt: str
+    num_images: int = 4
+    seed: int | None = None
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance_scale: float | None = None
+
+
+def check_prompt(prompt: str, settings: Settings, field: str = "prompt") -> str:
+    text = " ".join(prompt.split())
+    if not text:
+        raise InvalidInput(f"{field} is empty", field=field)
+    if len(text) > settings.max_prompt_chars:
+        raise InvalidInput(
+            f"{field} is {len(text)} characters; the limit is {settings.max_prompt_chars}",
+            field=field,
+        )
+    return text
+
+
+async def request_training(
+    session: AsyncSession,
+    settings: Settings,
+    account_id: uuid.UUID,
+    subject_id: uuid.UUID,
+    *,
+    steps: int | None = None,
+    idempotency_key: str | None = None,
+) -> Job:
+    await get_subject(session, account_id, subject_id)
+    if steps is not None and not 1 <= steps <= settings.max_train_steps:
+        raise InvalidInput(f"steps must be 1-{settings.max_train_steps}", field="steps")
+    params: dict[str, Any] = {"profile": settings.profile}
+    if steps is not None:
+        params["steps"] = steps
+    job = await jobs.create_job(
+        session,
+        account_id=account_id,
+        kind=JobKind.train,
+        subject_id=subject_id,
+        params=params,
+        max_attempts=settings.job_max_attempts,
+        idempotency_key=idempotency_key,
+    )
+    await session.commit()
+    return job
+
+
+async def request_generation(
+    session: AsyncSession,
+    settings: Settings,
+    account_id: uuid.UUID,
+    request: GenerationRequest,
+    *,
+    idempotency_key: str | None = None,
+) -> Job:
+    subject = await get_subject(session, account_id, request.subject_id)
+    prompt = check_prompt(request.prompt, settings)
+    negative = check_prompt(request.negative_prompt, settings, "negative_prompt") if (
+        request.negative_prompt.strip()
+    ) else ""
+    if not 1 <= request.num_images <= settings.max_images:
+        raise InvalidInput(f"num_images must be 1-{settings.max_images}", field="num_images")
+    seed = request.seed if request.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4]) >> 1
+    if not 0 <= seed <= MAX_SEED - settings.max_images:
+        raise InvalidInput(f"seed must be 0-{MAX_SEED - settings.max_images}", field="seed")
+
+    depends_on = None
+    if await latest_lora(session, subject.id, settings.profile) is None:
+        training = await jobs.active_job_for_subject(session, subject.id, JobKind.train)
+        if training is None:
+            training = await jobs.create_job(
+                session,
+                account_id=account_id,
+                kind=JobKind.train,
+                subject_id=subject.id,
+                params={"profile": settings.profile},
+                max_attempts=settings.job_max_attempts,
+            )
+        depends_on = training.id
+    params: dict[str, Any] = {
+        "profile": settings.profile,
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "num_images": request.num_images,
+        "seed": seed,
+        "steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+    }
+    job = await jobs.create_job(
+        session,
+        account_id=account_id,
+        kind=JobKind.generate,
+        subject_id=subject.id,
+        params=params,
+        max_attempts=settings.job_max_attempts,
+        depends_on=depends_on,
+        idempotency_key=idempotency_key,
+    )
+    await session.commit()
+    return job
+
+
+async def job_outputs(session: AsyncSession, job_id: uuid.UUID) -> list[Output]:
+    query = select(Output).where(Output.job_id == job_id).order_by(Output.position)  # type: ignore[arg-type]
+    return list((await session.execute(query)).scalars().all())
+
+
+async def get_output(session: AsyncSession, account_id: uuid.UUID, output_id: uuid.UUID) -> Output:
+    from core.errors import NotFound
+
+    output = await session.get(Output, output_id)
+    if output is None or output.account_id != account_id:
+        raise NotFound(f"output {output_id} not found")
+    return output

@@ -1,0 +1,399 @@
+"""The job state machine, in Postgres.
+
+    queued -> scheduled -> running -> succeeded | failed | canceled
+                 ^            |
+                 +-- queued <-+  (worker lost or transient error, attempts left)
+
+Every transition is one conditional UPDATE (``WHERE status = <expected>``), so
+two actors racing on a job (a worker finishing while the reaper gives up on it,
+a re-delivered arq message) can never both win. The transport (arq) is not
+known here: the scheduler asks which jobs to hand out, and workers claim them.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import aliased
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.db.models import ACTIVE, Job, JobKind, JobStatus, utcnow
+from core.errors import Conflict, InvalidInput, NotFound
+from core.metrics import JOBS_CREATED, JOBS_FINISHED
+
+_now = func.now
+
+
+async def create_job(
+    session: AsyncSession,
+    *,
+    account_id: uuid.UUID,
+    kind: JobKind,
+    params: dict[str, Any],
+    max_attempts: int,
+    subject_id: uuid.UUID | None = None,
+    depends_on: uuid.UUID | None = None,
+    idempotency_key: str | None = None,
+) -> Job:
+    """Insert a queued job; with an idempotency key, a repeat returns the first job."""
+    values = dict(
+        id=uuid.uuid4(),
+        account_id=account_id,
+        subject_id=subject_id,
+        kind=kind.value,
+        params=params,
+        max_attempts=max_attempts,
+        depends_on=depends_on,
+        idempotency_key=idempotency_key,
+        status=JobStatus.queued.value,
+        stage="waiting for training" if depends_on else "queued",
+    )
+    stmt = insert(Job).values(**values)
+    if idempotency_key is not None:
+        stmt = stmt.on_conflict_do_nothing(constraint="uq_job_idempotency")
+    inserted = (await session.execute(stmt.returning(Job.id))).scalar_one_or_none()
+    if inserted is None:  # the same key was used before
+        existing = await session.scalar(
+            select(Job).where(Job.account_id == account_id, Job.idempotency_key == idempotency_key)
+        )
+        assert existing is not None
+        if existing.kind != kind.value or existing.subject_id != subject_id:
+            raise Conflict("Idempotency-Key was already used for a different request")
+        return existing
+    JOBS_CREATED.labels(kind=kind.value).inc()
+    job = await session.get(Job, inserted)
+    assert job is not None
+    return job
+
+
+async def get_job(session: AsyncSession, account_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = await session.get(Job, job_id, populate_existing=True)
+    if job is None or job.account_id != account_id:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+@dataclass(frozen=True)
+class Page:
+    jobs: Sequence[Job]
+    next_cursor: str | None
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, job_id = raw.split("|")
+        return datetime.fromisoformat(created), uuid.UUID(job_id)
+    except ValueError as exc:
+        raise InvalidInput("cursor is not one this API returned") from exc
+
+
+async def list_jobs(
+    session: AsyncSession,
+    account_id: uuid.UUID,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    status: JobStatus | None = None,
+    kind: JobKind | None = None,
+) -> Page:
+    """Newest first; the cursor is the last row's (created_at, id), stable under inserts."""
+    query = select(Job).where(Job.account_id == account_id)
+    if status is not None:
+        query = query.where(Job.status == status.value)
+    if kind is not None:
+        query = query.where(Job.kind == kind.value)
+    if cursor:
+        created, job_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id))
+        )
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)  # type: ignore[attr-defined]
+    rows = (await session.execute(query)).scalars().all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, _encode_cursor(rows[-1]) if more and rows else None)
+
+
+async def cancel_job(session: AsyncSession, account_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    """Waiting jobs are canceled now; a running one is asked to stop at its next step."""
+    job = await get_job(session, account_id, job_id)
+    await session.refresh(job, with_for_update=True)
+    status = JobStatus(job.status)
+    if status.finished:
+        raise Conflict(f"job {job_id} already {status.value}", job_status=status.value)
+    if status is JobStatus.running:
+        job.cancel_requested = True
+        job.updated_at = utcnow()
+    else:
+        _finish(job, JobStatus.canceled, stage="canceled")
+    await session.flush()
+    return job
+
+
+def _finish(job: Job, status: JobStatus, *, stage: str, error: dict[str, Any] | None = None) -> None:
+    job.status = status.value  # type: ignore[assignment]
+    job.stage = stage
+    job.error = error
+    job.finished_at = job.updated_at = utcnow()
+    JOBS_FINISHED.labels(kind=JobKind(job.kind).value, outcome=status.value).inc()
+
+
+# --- scheduler side -----------------------------------------------------------------
+
+
+async def fail_blocked_dependents(session: AsyncSession) -> int:
+    """Queued jobs whose prerequisite failed or was canceled can never run: fail them."""
+    parent = aliased(Job)
+    rows = (
+        await session.execute(
+            select(Job, parent.status)
+            .join(parent, Job.depends_on == parent.id)  # type: ignore[arg-type]
+            .where(
+                Job.status == JobStatus.queued.value,
+                parent.status.in_([JobStatus.failed.value, JobStatus.canceled.value]),  # type: ignore[attr-defined]
+            )
+            .with_for_update(of=Job, skip_locked=True)
+        )
+    ).all()
+    for job, parent_status in rows:
+        _finish(
+            job,
+            JobStatus.failed,
+            stage="failed",
+            error={
+                "code": "dependency-failed",
+                "detail": f"job {job.depends_on} it waited for was {parent_status}",
+            },
+        )
+    return len(rows)
+
+
+async def take_dispatchable(session: AsyncSession, limit: int) -> list[Job]:
+    """Mark up to ``limit`` runnable queued jobs ``scheduled`` and return them.
+
+    Runnable: no prerequisite, or one that succeeded. SKIP LOCKED lets several
+    schedulers run without handing out a job twice.
+    """
+    parent = aliased(Job)
+    query = (
+        select(Job)
+        .outerjoin(parent, Job.depends_on == parent.id)  # type: ignore[arg-type]
+        .where(
+            Job.status == JobStatus.queued.value,
+            or_(Job.depends_on.is_(None), parent.status == JobStatus.succeeded.value),  # type: ignore[union-attr]
+        )
+        .order_by(Job.priority.desc(), Job.created_at)  # type: ignore[attr-defined]
+        .limit(limit)
+        .with_for_update(of=Job, skip_locked=True)
+    )
+    jobs = list((await session.execute(query)).scalars().all())
+    for job in jobs:
+        job.status = JobStatus.scheduled.value  # type: ignore[assignment]
+        job.stage = "scheduled"
+        job.scheduled_at = job.updated_at = utcnow()
+    await session.flush()
+    return jobs
+
+
+async def scheduled_unclaimed(session: AsyncSession, older_than: timedelta) -> list[Job]:
+    """Scheduled jobs nobody claimed for a while: their transport message may be lost."""
+    query = select(Job).where(
+        Job.status == JobStatus.scheduled.value,
+        Job.scheduled_at < _now() - older_than,  # type: ignore[operator]
+    )
+    return list((await session.execute(query)).scalars().all())
+
+
+@dataclass(frozen=True)
+class Reaped:
+    job_id: uuid.UUID
+    worker_id: str | None
+    outcome: JobStatus  # queued again, failed (no attempts left) or canceled
+
+
+async def reap_orphans(session: AsyncSession, stale_after: timedelta) -> list[Reaped]:
+    """Running jobs whose worker stopped heartbeating go back to the queue (or fail)."""
+    query = (
+        select(Job)
+        .where(
+            Job.status == JobStatus.running.value,
+            Job.heartbeat_at < _now() - stale_after,  # type: ignore[operator]
+        )
+        .with_for_update(skip_locked=True)
+    )
+    reaped = []
+    for job in (await session.execute(query)).scalars().all():
+        lost = {"code": "worker-lost", "detail": f"worker {job.worker_id} stopped heartbeating"}
+        reaped.append(Reaped(job.id, job.worker_id, _retry_or_fail(job, lost)))
+    await session.flush()
+    return reaped
+
+
+def _retry_or_fail(job: Job, error: dict[str, Any]) -> JobStatus:
+    if job.cancel_requested:
+        _finish(job, JobStatus.canceled, stage="canceled")
+    elif job.attempts >= job.max_attempts:
+        error = {**error, "detail": f"{error['detail']} (attempt {job.attempts} of {job.max_attempts})"}
+        _finish(job, JobStatus.failed, stage="failed", error=error)
+    else:
+        job.status = JobStatus.queued.value  # type: ignore[assignment]
+        job.stage = "retrying"
+        job.error = error  # kept for inspection while the next attempt runs
+        job.worker_id = None
+        job.updated_at = utcnow()
+    return JobStatus(job.status)
+
+
+# --- worker side -------------------------------------------------------------------
+
+
+async def claim(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> Job | None:
+    """Take a scheduled job for this worker; None if it is not (or no longer) ours to run."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.scheduled.value)  # type: ignore[arg-type]
+        .values(
+            status=JobStatus.running.value,
+            stage="starting",
+            attempts=Job.attempts + 1,
+            worker_id=worker_id,
+            started_at=_now(),
+            heartbeat_at=_now(),
+            updated_at=_now(),
+        )
+        .returning(Job.id)
+    )
+    if (await session.execute(stmt)).scalar_one_or_none() is None:
+        return None
+    return await session.get(Job, job_id, populate_existing=True)
+
+
+def _owned(job_id: uuid.UUID, worker_id: str) -> Any:
+    return and_(
+        Job.id == job_id,  # type: ignore[arg-type]
+        Job.worker_id == worker_id,  # type: ignore[arg-type]
+        Job.status == JobStatus.running.value,  # type: ignore[arg-type]
+    )
+
+
+async def heartbeat(
+    session: AsyncSession,
+    job_id: uuid.UUID,
+    worker_id: str,
+    *,
+    stage: str,
+    progress: float,
+    detail: dict[str, Any],
+) -> bool | None:
+    """Record liveness and progress. Returns cancel_requested, or None if the job was
+    taken from this worker (reaped, deleted): the worker must then stop and discard."""
+    stmt = (
+        update(Job)
+        .where(_owned(job_id, worker_id))
+        .values(
+            heartbeat_at=_now(),
+            updated_at=_now(),
+            stage=stage,
+            progress=progress,
+            progress_detail=detail,
+        )
+        .returning(Job.cancel_requested)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def _owned_job(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> Job | None:
+    query = select(Job).where(_owned(job_id, worker_id)).with_for_update()
+    return (await session.execute(query)).scalar_one_or_none()
+
+
+async def complete(
+    session: AsyncSession, job_id: uuid.UUID, worker_id: str, result: dict[str, Any]
+) -> bool:
+    """Mark succeeded. False if the job is no longer this worker's (caller discards)."""
+    job = await _owned_job(session, job_id, worker_id)
+    if job is None:
+        return False
+    job.result = result
+    job.error = None
+    job.progress = 1.0
+    job.progress_detail = {}
+    _finish(job, JobStatus.succeeded, stage="done")
+    await session.flush()
+    return True
+
+
+async def give_up(
+    session: AsyncSession,
+    job_id: uuid.UUID,
+    worker_id: str,
+    error: dict[str, Any],
+    *,
+    retryable: bool,
+) -> JobStatus | None:
+    """Record a failed attempt: back to the queue if it may help and attempts remain."""
+    job = await _owned_job(session, job_id, worker_id)
+    if job is None:
+        return None
+    if retryable:
+        outcome = _retry_or_fail(job, error)
+    else:
+        _finish(job, JobStatus.failed, stage="failed", error=error)
+        outcome = JobStatus.failed
+    await session.flush()
+    return outcome
+
+
+async def acknowledge_cancel(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> bool:
+    job = await _owned_job(session, job_id, worker_id)
+    if job is None:
+        return False
+    _finish(job, JobStatus.canceled, stage="canceled")
+    await session.flush()
+    return True
+
+
+async def active_job_for_subject(
+    session: AsyncSession, subject_id: uuid.UUID, kind: JobKind
+) -> Job | None:
+    query = (
+        select(Job)
+        .where(
+            Job.subject_id == subject_id,
+            Job.kind == kind.value,
+            Job.status.in_([s.value for s in ACTIVE]),  # type: ignore[attr-defined]
+        )
+        .order_by(Job.created_at.desc())  # type: ignore[attr-defined]
+        .limit(1)
+    )
+    return (await session.execute(query)).scalar_one_or_none()
+
+
+async def replace_transport_id(
+    session: AsyncSession, job_id: uuid.UUID, old: str | None, new: str
+) -> bool:
+    """Point a still-scheduled job at a new message; False if it moved on meanwhile."""
+    stmt = (
+        update(Job)
+        .where(
+            Job.id == job_id,  # type: ignore[arg-type]
+            Job.status == JobStatus.scheduled.value,  # type: ignore[arg-type]
+            Job.transport_id == old,  # type: ignore[arg-type]
+        )
+        .values(transport_id=new, scheduled_at=_now(), updated_at=_now())
+        .returning(Job.id)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none() is not None

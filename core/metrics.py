@@ -1,0 +1,42 @@
+"""Every Prometheus metric atelier exports, in one place.
+
+The API process exports the request and job-creation metrics on ``/metrics``; a
+worker exports job outcomes and durations on its own port. Scheduler metrics
+live in the scheduler process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Seconds: from fast API calls to long jobs.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_JOB_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+HTTP_REQUESTS = Counter(
+    "atelier_http_requests_total", "HTTP requests by route and status", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "atelier_http_request_duration_seconds",
+    "HTTP request latency by route",
+    ["method", "route"],
+    buckets=_LATENCY_BUCKETS,
+)
+JOBS_CREATED = Counter("atelier_jobs_created_total", "Jobs created, by kind", ["kind"])
+JOBS_FINISHED = Counter(
+    "atelier_jobs_finished_total", "Jobs that reached a final state", ["kind", "outcome"]
+)
+JOB_DURATION = Histogram(
+    "atelier_job_duration_seconds",
+    "Time a worker spent on one job attempt, by kind and outcome",
+    ["kind", "outcome"],
+    buckets=_JOB_BUCKETS,
+)
+JOBS_RUNNING = Gauge("atelier_worker_jobs_running", "Jobs this worker runs now")
+JOBS_DISPATCHED = Counter("atelier_jobs_dispatched_total", "Jobs handed to the transport")
+JOBS_REAPED = Counter(
+    "atelier_jobs_reaped_total", "Orphaned jobs found by the reaper, by outcome", ["outcome"]
+)
+JOBS_REENQUEUED = Counter(
+    "atelier_jobs_reenqueued_total", "Scheduled jobs re-sent because their message was lost"
+)

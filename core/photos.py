@@ -1,0 +1,298 @@
+"""Validate and normalize uploaded subject photos.
+
+Every photo is untrusted input. It is judged by its content (magic bytes), never
+by its filename or declared content type, and its size is checked twice before
+any pixel is decoded: the byte count first, then the pixel count declared in the
+image header, so a decompression bomb is refused without being expanded.
+
+What is stored is a fresh 8-bit RGB PNG with no metadata at all: EXIF (GPS
+included), ICC profiles and text chunks never leave this module. A photo that
+carried an ICC profile has its colours converted to sRGB before the profile goes.
+
+Animated or multi-frame images (APNG, animated WebP, MPO) are accepted and only
+their first frame is used: a phone's "live" or stereo photo is still a photo of
+the subject, and rejecting it would only confuse the user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final
+
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
+
+from core.errors import InvalidInput, PhotoRejected, PhotoTooLarge, PhotoUnsupported
+from core.settings import Settings
+
+ALLOWED_FORMATS: Final = frozenset({"JPEG", "PNG", "WEBP"})
+
+# Signatures of the formats we take; anything else is never handed to the
+# decoder of an allowed format.
+_JPEG_MAGIC: Final = b"\xff\xd8\xff"
+_PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
+_RIFF_MAGIC: Final = b"RIFF"
+_WEBP_MAGIC: Final = b"WEBP"
+_WEBP_MAGIC_OFFSET: Final = 8
+# iPhones shoot HEIC, which Pillow cannot even identify; it is recognized here
+# by its ISO-BMFF "ftyp" box so the user is told the format, not "not an image".
+_FTYP_BOX: Final = slice(4, 8)
+_FTYP_BRAND: Final = slice(8, 12)
+_HEIF_BRANDS: Final = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1"})
+
+# Pillow opens a JPEG carrying a multi-picture index as "MPO"; it is a JPEG.
+_PIL_FORMATS: Final = {"JPEG": {"JPEG", "MPO"}, "PNG": {"PNG"}, "WEBP": {"WEBP"}}
+
+_WHITE: Final = (255, 255, 255, 255)
+# 16-bit greyscale PNGs decode to "I;16" mode; this maps 0..65535 onto 0..255.
+_SIXTEEN_TO_EIGHT_BITS: Final = 1 / 256
+_SRGB: Final = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+@dataclass(frozen=True)
+class PhotoLimits:
+    min_count: int
+    max_count: int
+    max_bytes: int
+    max_pixels: int
+    min_side: int
+    stored_side: int
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> PhotoLimits:
+        return cls(
+            min_count=s.min_photos,
+            max_count=s.max_photos,
+            max_bytes=s.max_photo_bytes,
+            max_pixels=s.max_photo_pixels,
+            min_side=s.min_photo_side,
+            stored_side=s.stored_photo_side,
+        )
+
+
+@dataclass(frozen=True)
+class NormalizedPhoto:
+    data: bytes  # PNG, RGB, no metadata chunks
+    width: int
+    height: int
+    sha256: str  # hex digest of ``data``
+    source_format: str  # one of ALLOWED_FORMATS
+
+
+def check_photo_count(n: int, limits: PhotoLimits) -> None:
+    if not limits.min_count <= n <= limits.max_count:
+        raise InvalidInput(
+            f"expected {limits.min_count}-{limits.max_count} photos, got {n}", count=n
+        )
+
+
+def normalize_photo(data: bytes, name: str, limits: PhotoLimits) -> NormalizedPhoto:
+    """Check one uploaded photo and return it as a clean, bounded PNG.
+
+    Raises PhotoTooLarge, PhotoUnsupported or PhotoRejected (all PhotoRejected),
+    each with ``photo=name`` in ``extra``. CPU-bound: call it off the event loop.
+    """
+    _check_byte_size(data, name, limits)
+    source_format = _sniff_format(data, name)
+    with _open(data, source_format, name) as img:
+        _check_header(img, name, limits)
+        _verify_checksums(data, source_format, name)
+        _decode_fully(img, name, source_format)
+        rgb = _to_rgb(_upright(img))
+    out = _downscale(rgb, limits.stored_side)
+    png = _encode_png(out)
+    return NormalizedPhoto(
+        data=png,
+        width=out.width,
+        height=out.height,
+        sha256=hashlib.sha256(png).hexdigest(),
+        source_format=source_format,
+    )
+
+
+# --- checks before decoding ----------------------------------------------------
+
+
+def _check_byte_size(data: bytes, name: str, limits: PhotoLimits) -> None:
+    if not data:
+        raise PhotoRejected(f"{name}: the file is empty", photo=name)
+    if len(data) > limits.max_bytes:
+        raise PhotoTooLarge(
+            f"{name}: {len(data)} bytes is over the limit of {limits.max_bytes}",
+            photo=name,
+        )
+
+
+def _sniff_format(data: bytes, name: str) -> str:
+    """Return the allowed format ``data`` starts like, or raise."""
+    if data.startswith(_JPEG_MAGIC):
+        return "JPEG"
+    if data.startswith(_PNG_MAGIC):
+        return "PNG"
+    riff_type = data[_WEBP_MAGIC_OFFSET : _WEBP_MAGIC_OFFSET + len(_WEBP_MAGIC)]
+    if data.startswith(_RIFF_MAGIC) and riff_type == _WEBP_MAGIC:
+        return "WEBP"
+    other = _identify_other_format(data, name)
+    if other is None:
+        raise PhotoRejected(f"{name}: not an image", photo=name)
+    raise PhotoUnsupported(
+        f"{name}: {other} images are not supported (use JPEG, PNG or WebP)",
+        photo=name,
+        format=other,
+    )
+
+
+def _identify_other_format(data: bytes, name: str) -> str | None:
+    """Name the image format of ``data`` if Pillow recognizes it by signature.
+
+    Only plugins with a signature check are asked: the few without one (TGA...)
+    would claim random bytes, and "not an image" is the truer answer there.
+    """
+    Image.init()
+    signed = [fmt for fmt, (_, accept) in Image.OPEN.items() if accept is not None]
+    try:
+        with _bomb_is_too_large(name), Image.open(io.BytesIO(data), formats=signed) as img:
+            return str(img.format)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        pass
+    if data[_FTYP_BOX] == b"ftyp" and data[_FTYP_BRAND] in _HEIF_BRANDS:
+        return "HEIC"
+    return None
+
+
+@contextmanager
+def _bomb_is_too_large(name: str) -> Iterator[None]:
+    """Turn Pillow's decompression-bomb error (or its warning, where warnings are
+    errors) into PhotoTooLarge. Our pixel limit is below Pillow's, so this only
+    fires for images far over it; it is here so that never becomes a 500."""
+    try:
+        yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PhotoTooLarge(
+            f"{name}: image dimensions are far over the pixel limit", photo=name
+        ) from exc
+
+
+def _open(data: bytes, source_format: str, name: str) -> ImageFile.ImageFile:
+    """Open (parse the header of) ``data`` with the decoder its magic selects."""
+    try:
+        with _bomb_is_too_large(name):
+            img = Image.open(io.BytesIO(data), formats=[source_format])
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise _corrupt(name, source_format) from exc
+    if img.format not in _PIL_FORMATS[source_format]:
+        img.close()
+        raise _corrupt(name, source_format)
+    return img
+
+
+def _check_header(img: Image.Image, name: str, limits: PhotoLimits) -> None:
+    """Refuse on the declared dimensions, before a single pixel is decoded."""
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise PhotoTooLarge(
+            f"{name}: {width}x{height} is over the limit of {limits.max_pixels} pixels",
+            photo=name,
+        )
+    if min(width, height) < limits.min_side:
+        raise PhotoRejected(
+            f"{name}: {width}x{height} is too small; the shorter side must be at "
+            f"least {limits.min_side} pixels",
+            photo=name,
+        )
+
+
+# --- decoding and normalizing ----------------------------------------------------
+
+
+def _verify_checksums(data: bytes, source_format: str, name: str) -> None:
+    """Check what the format can check without decoding (PNG chunk CRCs).
+
+    Pillow's decoder skips the CRC of image-data chunks, so a PNG damaged in
+    transit would otherwise decode "fine" into garbage pixels.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=[source_format]) as img:
+            img.verify()
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _corrupt(name, source_format) from exc
+
+
+def _decode_fully(img: ImageFile.ImageFile, name: str, source_format: str) -> None:
+    """Decode every pixel of the first frame, so truncation is caught here."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # A process-wide Pillow flag some ML code sets; with it, a cut-off upload
+        # decodes "fine" with grey padding. Fail loudly rather than store that.
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; refusing to decode")
+    try:
+        with _bomb_is_too_large(name):
+            img.load()
+    except (PhotoRejected, MemoryError):
+        raise
+    except Exception as exc:
+        # Pillow's decoders signal bad data with OSError, SyntaxError, ValueError,
+        # EOFError, struct.error...; for an upload they all mean the same thing.
+        raise _corrupt(name, source_format) from exc
+
+
+def _corrupt(name: str, source_format: str) -> PhotoRejected:
+    return PhotoRejected(f"{name}: truncated or corrupt {source_format}", photo=name)
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation, so the stored pixels are the way up people saw."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        # Malformed EXIF is common in the wild and says nothing about the pixels.
+        return img.copy()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Return a new 8-bit RGB image: alpha flattened on white, colours in sRGB."""
+    icc = img.info.get("icc_profile")
+    if img.mode.startswith("I"):
+        img = img.convert("I").point(lambda v: v * _SIXTEEN_TO_EIGHT_BITS).convert("L")
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba)
+    if img.mode not in ("RGB", "L", "CMYK"):
+        img = img.convert("RGB")
+    return _to_srgb(img, icc)
+
+
+def _to_srgb(img: Image.Image, icc: bytes | None) -> Image.Image:
+    """The ICC profile is dropped on output, so its colours are converted first
+    (phones shoot Display P3); without a usable profile, assume sRGB."""
+    if icc:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            converted = ImageCms.profileToProfile(img, source, _SRGB, outputMode="RGB")
+            if converted is not None:
+                return converted
+        except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+            pass  # broken, or for another colour space than the pixels: ignore it
+    return img.convert("RGB")
+
+
+def _downscale(img: Image.Image, stored_side: int) -> Image.Image:
+    longer = max(img.size)
+    if longer <= stored_side:
+        return img
+    scale = stored_side / longer
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.LANCZOS)
+
+
+def _encode_png(img: Image.Image) -> bytes:
+    # Pillow's PNG writer copies icc_profile and transparency from ``info``; the
+    # image is our own copy, so emptying it guarantees nothing rides along.
+    img.info.clear()
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,78 @@
+"""Every setting atelier reads, in one class, from the environment.
+
+Variables are prefixed ``ATELIER_`` (``ATELIER_BLOB_DIR``...), except the two
+connection strings every tool already knows as ``DATABASE_URL`` and ``REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATELIER_", extra="ignore")
+
+    # --- infrastructure -------------------------------------------------------
+    database_url: str = Field(
+        "postgresql+asyncpg://postgres@127.0.0.1:5432/atelier",
+        validation_alias=AliasChoices("DATABASE_URL", "ATELIER_DATABASE_URL"),
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "ATELIER_REDIS_URL"),
+    )
+    blob_dir: Path = Path("var/blobs")
+    public_base_url: str = "http://127.0.0.1:8000"
+
+    # --- models -----------------------------------------------------------------
+    profile: str = "tiny"
+    # Where checkpoints live: <models_dir>/<profile> unless model_path names one.
+    models_dir: Path = Path("var/models")
+    model_path: Path | None = None
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Steps for a training job when the request does not say (0 = the profile's).
+    train_steps: int = Field(0, ge=0)
+    # Threads torch may use in a worker (0 = torch's default).
+    torch_threads: int = Field(0, ge=0)
+
+    # --- uploads and requests ---------------------------------------------------
+    min_photos: int = 3
+    max_photos: int = 8
+    max_photo_bytes: int = 15 * MiB
+    # A decompression bomb is refused on its header, before any pixel is decoded.
+    max_photo_pixels: int = 40_000_000
+    min_photo_side: int = 64
+    # Stored photos are normalized so their longer side is at most this.
+    stored_photo_side: int = 1024
+    max_prompt_chars: int = 500
+    max_images: int = 8
+    max_train_steps: int = 5000
+
+    # --- jobs ---------------------------------------------------------------------
+    job_max_attempts: int = Field(3, ge=1)
+    heartbeat_interval_s: float = 2.0
+    # A running job whose heartbeat is older than this is considered orphaned.
+    heartbeat_stale_s: float = 20.0
+    scheduler_poll_s: float = 0.5
+    # A scheduled job whose arq message vanished (Redis flushed) is re-enqueued
+    # once it has been scheduled for this long without a worker claiming it.
+    reconcile_grace_s: float = 5.0
+    worker_concurrency: int = Field(1, ge=1)
+    # Prometheus ports of the worker and scheduler processes (0 = off).
+    worker_metrics_port: int = 9101
+    scheduler_metrics_port: int = 9102
+    # Hard limit arq enforces on one task; our own heartbeat catches dead workers.
+    job_timeout_s: int = 6 * 3600
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,204 @@
+"""The blob store: photos, LoRA weights and generated images, by key.
+
+Keys are "/"-separated relative paths (``subjects/<uuid>/photos/0.png``). They
+are validated before they touch a filesystem, so a key can never name anything
+outside the store. ``LocalBlobStore`` keeps blobs as files under one root; an
+object-store backend only has to implement ``BlobStore``. A "prefix" means whole
+path segments (``subjects/a`` covers ``subjects/a/x`` but not ``subjects/ab``),
+which an object store can honour by listing ``prefix + "/"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import tempfile
+from contextlib import suppress
+from pathlib import Path
+from typing import Final, Protocol
+
+from core.settings import Settings
+
+_FORBIDDEN_SEGMENTS: Final = frozenset({"", ".", ".."})
+_FORBIDDEN_CHARS: Final = ("\\", "\x00")
+# put() may race a concurrent delete that prunes the directory it just created;
+# recreating it a couple of times settles that without looping forever.
+_PUT_ATTEMPTS: Final = 3
+_TEMP_SUFFIX: Final = ".tmp"
+
+
+class BlobNotFound(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no blob at {key!r}")
+        self.key = key
+
+
+class BlobStore(Protocol):
+    async def put(self, key: str, data: bytes) -> None: ...
+
+    async def get(self, key: str) -> bytes:
+        """Raises BlobNotFound."""
+        ...
+
+    def open_path(self, key: str) -> Path:
+        """A local file holding the blob, for streaming. Raises BlobNotFound."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Deleting a missing blob is not an error."""
+        ...
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every blob under ``prefix``; return how many were deleted."""
+        ...
+
+    async def exists(self, key: str) -> bool: ...
+
+    def url(self, key: str) -> str: ...
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative path, else raise ValueError."""
+    if any(c in key for c in _FORBIDDEN_CHARS):
+        raise ValueError(f"invalid blob key {key!r}: backslash or NUL")
+    if key.startswith("/"):
+        raise ValueError(f"invalid blob key {key!r}: absolute path")
+    if any(segment in _FORBIDDEN_SEGMENTS for segment in key.split("/")):
+        raise ValueError(f"invalid blob key {key!r}: empty, '.' or '..' segment")
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """A prefix is a key, optionally ending in "/"; the empty prefix (the whole
+    store) is refused so a bug cannot wipe everything in one call."""
+    return check_key(prefix.removesuffix("/"))
+
+
+class LocalBlobStore:
+    """Blobs as files under ``root``. Writes are atomic: a reader sees the old
+    blob or the new one, and a crash never leaves half a file under a key."""
+
+    def __init__(self, root: Path) -> None:
+        # Absolute, so file:// URLs and the pruning boundary are well defined.
+        self.root = Path(root).resolve()
+
+    async def put(self, key: str, data: bytes) -> None:
+        await asyncio.to_thread(self._write_atomic, self._path(key), data)
+
+    async def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise BlobNotFound(key) from exc
+
+    def open_path(self, key: str) -> Path:
+        path = self._path(key)
+        if not path.is_file():
+            raise BlobNotFound(key)
+        return path
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self._delete_file, self._path(key))
+
+    async def delete_prefix(self, prefix: str) -> int:
+        return await asyncio.to_thread(self._delete_tree, self._path(check_prefix(prefix)))
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread(self._path(key).is_file)
+
+    def url(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    # --- synchronous helpers, run in a worker thread ---------------------------
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        fd, tmp = _temp_file_beside(path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the name is
+            # Same directory as the target, so this is a rename within one
+            # filesystem: readers see the old blob or the new one, never half.
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def _delete_file(self, path: Path) -> None:
+        with suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            path.unlink()
+            self._prune(path.parent)
+
+    def _delete_tree(self, path: Path) -> int:
+        if path.is_file():
+            path.unlink()
+            self._prune(path.parent)
+            return 1
+        if not path.is_dir():
+            return 0
+        deleted = 0
+        # Bottom-up, so each directory is empty by the time it is removed.
+        for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+            for filename in filenames:
+                with suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, filename))
+                    deleted += 1
+            for dirname in dirnames:
+                _remove_dir_entry(os.path.join(dirpath, dirname))
+        _rmdir_if_empty(path)
+        self._prune(path.parent)
+        return deleted
+
+    def _prune(self, directory: Path) -> None:
+        """Remove ``directory`` and its ancestors while empty, stopping at root."""
+        while directory != self.root and directory.is_relative_to(self.root):
+            if not _rmdir_if_empty(directory):
+                return
+            directory = directory.parent
+
+
+def _temp_file_beside(path: Path) -> tuple[int, str]:
+    attempts_left = _PUT_ATTEMPTS
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+        except FileNotFoundError:
+            # A concurrent delete pruned the directory we just made; remake it.
+            attempts_left -= 1
+            if not attempts_left:
+                raise
+
+
+def _rmdir_if_empty(directory: str | Path) -> bool:
+    """True if removed (or already gone); False if something is still in it,
+    e.g. a put() that landed while we were deleting around it."""
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
+
+
+def _remove_dir_entry(path: str) -> None:
+    # os.walk lists a symlink to a directory among the directories without
+    # descending into it; unlink the link itself, never what it points to.
+    if os.path.islink(path):
+        os.unlink(path)
+    else:
+        _rmdir_if_empty(path)
+
+
+def blob_store_from_settings(s: Settings) -> BlobStore:
+    return LocalBlobStore(s.blob_dir)

@@ -1,0 +1,157 @@
+"""Subjects: one person's photo set, its rare-token identifier, and its erasure.
+
+Creation is all-or-nothing: photos are validated and normalized first, then
+written to the blob store, then the rows are committed; any failure removes the
+blobs already written. Everything a subject owns lives under one blob prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.db.models import Lora, Subject, SubjectPhoto
+from core.errors import InvalidInput, NotFound
+from core.photos import NormalizedPhoto, PhotoLimits, check_photo_count, normalize_photo
+from core.storage import BlobStore
+
+# Three-consonant words that the CLIP BPE vocabulary holds as one token of low
+# frequency (merge rank above 30,000): DreamBooth binds the subject to a rare
+# token so the model's prior for common words is left alone. Picked once from
+# open_clip's bpe_simple_vocab_16e6.txt.gz.
+RARE_TOKENS = (
+    "pgh", "vfx", "tfc", "mrt", "lms", "smb", "ntr", "pfw", "lds", "nds", "sbc", "pnw",
+    "rnb", "trx", "rtc", "gmb", "tbc", "gbr", "bsc", "lps", "fcs", "wts", "gsm", "smp",
+    "lcs", "rwc", "rds", "gdc", "cfs", "fmr", "dfs", "cfb", "mnl", "lrt", "pbr", "chf",
+    "lhs", "twp", "wps", "rgv", "vfl", "ftc", "srl", "mpd", "ktm", "bms", "rsd", "smd",
+)  # fmt: skip
+
+CLASS_NOUN = re.compile(r"[a-z][a-z ]{0,30}[a-z]")
+MAX_NAME_CHARS = 100
+
+
+def subject_prefix(subject_id: uuid.UUID) -> str:
+    return f"subjects/{subject_id}/"
+
+
+def photo_key(subject_id: uuid.UUID, position: int) -> str:
+    return f"{subject_prefix(subject_id)}photos/{position}.png"
+
+
+def lora_key(subject_id: uuid.UUID, profile: str, job_id: uuid.UUID) -> str:
+    return f"{subject_prefix(subject_id)}loras/{profile}/{job_id}.safetensors"
+
+
+def output_key(subject_id: uuid.UUID, job_id: uuid.UUID, position: int) -> str:
+    return f"{subject_prefix(subject_id)}outputs/{job_id}/{position}.png"
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str
+    data: bytes
+
+
+def check_class_noun(class_noun: str) -> str:
+    noun = class_noun.strip().lower()
+    if not CLASS_NOUN.fullmatch(noun):
+        raise InvalidInput(
+            "class_noun must be 2-32 lowercase letters (e.g. 'person', 'woman', 'man')",
+            field="class_noun",
+        )
+    return noun
+
+
+def _normalize_all(uploads: Sequence[Upload], limits: PhotoLimits) -> list[NormalizedPhoto]:
+    check_photo_count(len(uploads), limits)
+    return [normalize_photo(u.data, u.filename, limits) for u in uploads]
+
+
+async def create_subject(
+    session: AsyncSession,
+    store: BlobStore,
+    *,
+    account_id: uuid.UUID,
+    uploads: Sequence[Upload],
+    class_noun: str,
+    name: str,
+    limits: PhotoLimits,
+) -> Subject:
+    noun = check_class_noun(class_noun)
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidInput(f"name is longer than {MAX_NAME_CHARS} characters", field="name")
+    # Decoding photos is CPU work: keep it off the event loop.
+    photos = await asyncio.to_thread(_normalize_all, uploads, limits)
+    subject = Subject(
+        account_id=account_id, name=name, class_noun=noun, token=secrets.choice(RARE_TOKENS)
+    )
+    try:
+        for position, photo in enumerate(photos):
+            key = photo_key(subject.id, position)
+            await store.put(key, photo.data)
+            session.add(
+                SubjectPhoto(
+                    subject_id=subject.id,
+                    position=position,
+                    blob_key=key,
+                    width=photo.width,
+                    height=photo.height,
+                    sha256=photo.sha256,
+                )
+            )
+        session.add(subject)
+        await session.commit()
+    except BaseException:
+        await session.rollback()
+        await store.delete_prefix(subject_prefix(subject.id))
+        raise
+    return subject
+
+
+async def get_subject(
+    session: AsyncSession, account_id: uuid.UUID, subject_id: uuid.UUID
+) -> Subject:
+    subject = await session.get(Subject, subject_id)
+    if subject is None or subject.account_id != account_id:
+        raise NotFound(f"subject {subject_id} not found")
+    return subject
+
+
+async def subject_photos(session: AsyncSession, subject_id: uuid.UUID) -> list[SubjectPhoto]:
+    query = (
+        select(SubjectPhoto)
+        .where(SubjectPhoto.subject_id == subject_id)
+        .order_by(SubjectPhoto.position)  # type: ignore[arg-type]
+    )
+    return list((await session.execute(query)).scalars().all())
+
+
+async def latest_lora(session: AsyncSession, subject_id: uuid.UUID, profile: str) -> Lora | None:
+    query = (
+        select(Lora)
+        .where(Lora.subject_id == subject_id, Lora.profile == profile)
+        .order_by(Lora.created_at.desc())  # type: ignore[attr-defined]
+        .limit(1)
+    )
+    return (await session.execute(query)).scalar_one_or_none()
+
+
+async def delete_subject(
+    session: AsyncSession, store: BlobStore, account_id: uuid.UUID, subject_id: uuid.UUID
+) -> None:
+    """Erase the subject: rows cascade (photos, LoRAs, jobs, outputs), then the bytes.
+
+    A worker still running one of its jobs finds the job gone at its next
+    heartbeat, stops, and removes whatever it wrote under the prefix.
+    """
+    subject = await get_subject(session, account_id, subject_id)
+    await session.delete(subject)
+    await session.commit()
+    await store.delete_prefix(subject_prefix(subject_id))

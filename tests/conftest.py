@@ -1,0 +1,149 @@
+"""Shared fixtures: the real Postgres and Redis, a fresh schema, an API client.
+
+Tests run against a database of their own (``atelier_test`` by default) rebuilt
+from the Alembic migrations once per session, and a Redis database index of
+their own (15), so a developer's local data is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from alembic import command
+from alembic.config import Config
+from httpx import ASGITransport, AsyncClient
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.accounts import create_account_with_key
+from core.db.engine import make_engine, make_sessionmaker, session_scope
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_PHOTOS = sorted((ROOT / "demo" / "sample_subject").glob("*.jpg"))
+
+TEST_DATABASE_URL = os.environ.get(
+    "ATELIER_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/atelier_test"
+)
+TEST_REDIS_URL = os.environ.get("ATELIER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+async def _recreate_database(url: str) -> None:
+    parsed = make_url(url)
+    admin = await asyncpg.connect(
+        host=parsed.host, port=parsed.port, user=parsed.username, password=parsed.password,
+        database="postgres",
+    )  # fmt: skip
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{parsed.database}"')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(settings: Settings) -> Path:
+    """The tiny checkpoint, built once per test session through the real builder."""
+    from core.ml.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(settings.models_dir / "tiny")
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    blobs = tmp_path_factory.mktemp("blobs")
+    return Settings(
+        database_url=TEST_DATABASE_URL,
+        redis_url=TEST_REDIS_URL,
+        blob_dir=blobs,
+        models_dir=tmp_path_factory.getbasetemp() / "models",
+        profile="tiny",
+        train_steps=8,
+        heartbeat_interval_s=0.5,
+        heartbeat_stale_s=4.0,
+        reconcile_grace_s=1.0,
+        scheduler_poll_s=0.2,
+        worker_metrics_port=0,
+        scheduler_metrics_port=0,
+        public_base_url="http://testserver",
+    )
+
+
+@pytest.fixture(scope="session")
+async def migrated(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    await _recreate_database(settings.database_url)
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["database_url"] = settings.database_url
+    # Alembic's env.py runs its own event loop; keep it off ours.
+    import asyncio
+
+    await asyncio.to_thread(command.upgrade, config, "head")
+    engine = make_engine(settings)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def sessions(migrated: AsyncEngine) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    async with migrated.begin() as conn:
+        tables = await conn.execute(
+            text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                 "AND tablename <> 'alembic_version'")
+        )  # fmt: skip
+        names = ", ".join(f'"{row[0]}"' for row in tables)
+        await conn.execute(text(f"TRUNCATE {names} CASCADE"))
+    yield make_sessionmaker(migrated)
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = Redis.from_url(settings.redis_url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def client(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[AsyncClient]:
+    from api.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = ASGITransport(app=app, raise_app_exceptions=False)
+        async with AsyncClient(transport=transport, base_url="http://testserver") as http:
+            yield http
+
+
+async def _new_key(sessions: async_sessionmaker[AsyncSession], name: str) -> dict[str, str]:
+    async with session_scope(sessions) as session:
+        new = await create_account_with_key(session, name)
+    return {"Authorization": f"Bearer {new.key}"}
+
+
+@pytest.fixture
+async def auth(sessions: async_sessionmaker[AsyncSession]) -> dict[str, str]:
+    return await _new_key(sessions, f"test-{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture
+async def other_auth(sessions: async_sessionmaker[AsyncSession]) -> dict[str, str]:
+    return await _new_key(sessions, "someone-else")
+
+
+@pytest.fixture
+def sample_photos() -> Iterator[list[tuple[str, bytes]]]:
+    yield [(p.name, p.read_bytes()) for p in SAMPLE_PHOTOS]
+
+
+def photo_files(photos: list[tuple[str, bytes]]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("photos", (name, data, "image/jpeg")) for name, data in photos]

@@ -1,0 +1,353 @@
+"""core.photos: what an uploaded photo must be, and what is stored of it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import random
+import struct
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import ExifTags, Image, ImageCms, ImageFile, PngImagePlugin
+
+from core.errors import InvalidInput, PhotoRejected, PhotoTooLarge, PhotoUnsupported
+from core.photos import (
+    ALLOWED_FORMATS,
+    NormalizedPhoto,
+    PhotoLimits,
+    check_photo_count,
+    normalize_photo,
+)
+from core.settings import Settings
+
+DEMO_DIR = Path(__file__).resolve().parents[2] / "demo" / "sample_subject"
+LIMITS = PhotoLimits.from_settings(Settings())
+SMALL_SIDE = 256  # stored_side for tests that check downscaling cheaply
+RED = (255, 0, 0)
+BLUE = (0, 0, 255)
+
+
+def picture(size: tuple[int, int] = (320, 240), mode: str = "RGB") -> Image.Image:
+    """A smooth gradient, so lossy codecs behave as on a photo."""
+    w, h = size
+    ramp = Image.linear_gradient("L").resize((w, h))
+    img = Image.merge("RGB", (ramp, ramp.transpose(Image.Transpose.ROTATE_90).resize((w, h)), ramp))
+    return img.convert(mode)
+
+
+def encode(img: Image.Image, fmt: str, **params: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload)
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny, hand-built PNG whose IHDR claims ``width`` x ``height`` RGB pixels
+    but whose image data is empty: decoding it would fail, so rejecting it as too
+    large proves the header alone decided."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b""))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def png_chunk_types(data: bytes) -> list[bytes]:
+    types, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        types.append(data[pos + 4 : pos + 8])
+        pos += 12 + length
+    return types
+
+
+def reopen(photo: NormalizedPhoto) -> Image.Image:
+    img = Image.open(io.BytesIO(photo.data))
+    img.load()
+    return img
+
+
+def rejected(
+    exc_type: type[PhotoRejected], data: bytes, name: str, limits: PhotoLimits = LIMITS
+) -> PhotoRejected:
+    """normalize_photo must raise exactly ``exc_type``, naming the photo."""
+    with pytest.raises(PhotoRejected) as info:
+        normalize_photo(data, name, limits)
+    assert type(info.value) is exc_type, info.value.detail
+    assert name in info.value.detail
+    assert info.value.extra["photo"] == name
+    return info.value
+
+
+# --- accepted photos --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", sorted(ALLOWED_FORMATS))
+def test_allowed_formats_become_clean_png(fmt: str) -> None:
+    photo = normalize_photo(encode(picture(), fmt), f"me.{fmt.lower()}", LIMITS)
+
+    assert photo.source_format == fmt
+    assert (photo.width, photo.height) == (320, 240)
+    img = reopen(photo)
+    assert (img.format, img.mode, img.size) == ("PNG", "RGB", (320, 240))
+    assert png_chunk_types(photo.data) == [b"IHDR", b"IDAT", b"IEND"]
+
+
+def test_format_is_decided_by_content_not_name() -> None:
+    photo = normalize_photo(encode(picture(), "PNG"), "holiday.gif", LIMITS)
+    assert photo.source_format == "PNG"
+
+
+def test_sha256_is_of_the_output_and_deterministic() -> None:
+    data = encode(picture(), "JPEG", quality=90)
+    first = normalize_photo(data, "a.jpg", LIMITS)
+    second = normalize_photo(data, "b.jpg", LIMITS)
+
+    assert first.data == second.data
+    assert first.sha256 == second.sha256
+    assert first.sha256 == hashlib.sha256(first.data).hexdigest()
+
+
+def test_gps_exif_icc_and_text_are_stripped() -> None:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "PhoneCo"
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps[ExifTags.GPS.GPSLatitudeRef] = "N"
+    gps[ExifTags.GPS.GPSLatitude] = (51.0, 30.0, 26.0)
+    gps[ExifTags.GPS.GPSLongitudeRef] = "W"
+    gps[ExifTags.GPS.GPSLongitude] = (0.0, 7.0, 39.0)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    data = encode(picture(), "JPEG", exif=exif, icc_profile=icc, comment=b"secret")
+    assert Image.open(io.BytesIO(data)).getexif().get_ifd(ExifTags.IFD.GPSInfo)  # sanity
+
+    img = reopen(normalize_photo(data, "gps.jpg", LIMITS))
+
+    assert not img.getexif()
+    assert not {"exif", "icc_profile", "comment"} & img.info.keys()
+
+
+def test_png_text_chunks_are_stripped() -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Author", "someone@example.com")
+    info.add_itxt("Description", "home address", zip=True)
+    photo = normalize_photo(encode(picture(), "PNG", pnginfo=info), "t.png", LIMITS)
+
+    assert png_chunk_types(photo.data) == [b"IHDR", b"IDAT", b"IEND"]
+
+
+def test_exif_orientation_is_applied() -> None:
+    # Stored sideways (wide) with a red top-left corner; orientation 6 means
+    # "rotate 90 degrees clockwise to display", which moves that corner top-right.
+    stored = Image.new("RGB", (200, 100), BLUE)
+    stored.paste(RED, (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    data = encode(stored, "PNG", exif=exif)
+
+    photo = normalize_photo(data, "phone.png", LIMITS)
+    img = reopen(photo)
+
+    assert (photo.width, photo.height) == (100, 200)
+    assert img.getpixel((95, 5)) == RED
+    assert img.getpixel((5, 5)) == BLUE
+
+
+def test_downscale_keeps_aspect_and_respects_stored_side() -> None:
+    limits = dataclasses.replace(LIMITS, stored_side=SMALL_SIDE)
+    photo = normalize_photo(encode(picture((1000, 500)), "PNG"), "big.png", limits)
+    assert (photo.width, photo.height) == (SMALL_SIDE, SMALL_SIDE // 2)
+
+    portrait = normalize_photo(encode(picture((300, 900)), "PNG"), "tall.png", limits)
+    assert (portrait.width, portrait.height) == (SMALL_SIDE // 3, SMALL_SIDE)
+
+
+def test_small_photo_is_not_upscaled() -> None:
+    photo = normalize_photo(encode(picture((100, 80)), "PNG"), "s.png", LIMITS)
+    assert (photo.width, photo.height) == (100, 80)
+
+
+def test_alpha_is_flattened_on_white() -> None:
+    img = Image.new("RGBA", (100, 100), (0, 0, 0, 0))
+    img.paste((255, 0, 0, 255), (0, 0, 50, 100))
+    out = reopen(normalize_photo(encode(img, "PNG"), "cutout.png", LIMITS))
+
+    assert out.mode == "RGB"
+    assert out.getpixel((75, 50)) == (255, 255, 255)
+    assert out.getpixel((25, 50)) == RED
+
+
+def test_palette_with_transparency_is_flattened_on_white() -> None:
+    img = Image.new("P", (100, 100), 0)
+    img.putpalette([0, 0, 0, 255, 0, 0])
+    img.paste(1, (0, 0, 50, 100))
+    out = reopen(normalize_photo(encode(img, "PNG", transparency=0), "p.png", LIMITS))
+
+    assert out.getpixel((75, 50)) == (255, 255, 255)
+    assert out.getpixel((25, 50)) == RED
+
+
+def test_sixteen_bit_greyscale_keeps_its_tones() -> None:
+    mid_grey = 0x8000
+    img = Image.new("I;16", (100, 100), mid_grey)
+    out = reopen(normalize_photo(encode(img, "PNG"), "deep.png", LIMITS))
+
+    grey = mid_grey >> 8  # not clipped to white, as a naive conversion would
+    assert out.getpixel((50, 50)) == (grey, grey, grey)
+
+
+def test_animated_image_keeps_its_first_frame() -> None:
+    frames = [Image.new("RGB", (100, 100), RED), Image.new("RGB", (100, 100), BLUE)]
+    for fmt in ("PNG", "WEBP"):
+        data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], lossless=True)
+        assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2  # sanity
+
+        out = reopen(normalize_photo(data, f"anim.{fmt.lower()}", LIMITS))
+
+        assert out.getpixel((50, 50)) == RED
+
+
+def test_demo_photos_pass_with_default_settings() -> None:
+    paths = sorted(DEMO_DIR.glob("*.jpg"))
+    assert len(paths) == 4
+    check_photo_count(len(paths), LIMITS)
+    shapes = set()
+    for path in paths:
+        photo = normalize_photo(path.read_bytes(), path.name, LIMITS)
+        assert photo.source_format == "JPEG"
+        shapes.add((photo.width, photo.height))
+    # The EXIF-rotated one is stored landscape but comes out portrait.
+    assert (448, 560) in shapes
+
+
+# --- rejected photos --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"hello, this is a text file, not a photo\n" * 20,
+        b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n",
+        random.Random(7).randbytes(4096),
+    ],
+    ids=["text", "pdf", "random"],
+)
+def test_non_images_are_rejected_whatever_the_name(data: bytes) -> None:
+    err = rejected(PhotoRejected, data, "selfie.jpg")
+    assert "not an image" in err.detail
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_other_image_formats_are_unsupported(fmt: str) -> None:
+    err = rejected(PhotoUnsupported, encode(picture(), fmt), "photo.jpg")
+    assert fmt in err.detail
+    assert err.extra["format"] == fmt
+
+
+def test_heic_is_named_as_unsupported() -> None:
+    # Just the ISO-BMFF "ftyp" box an iPhone's HEIC starts with, then junk.
+    data = struct.pack(">I", 24) + b"ftypheic" + bytes(4) + b"mif1heic" + bytes(500)
+    err = rejected(PhotoUnsupported, data, "IMG_0001.HEIC")
+    assert err.extra["format"] == "HEIC"
+
+
+def test_truncated_jpeg_is_rejected() -> None:
+    data = encode(picture((640, 480)), "JPEG", quality=90)
+    err = rejected(PhotoRejected, data[: len(data) // 2], "cut.jpg")
+    assert "truncated or corrupt" in err.detail
+
+
+def test_corrupt_png_is_rejected() -> None:
+    data = bytearray(encode(picture(), "PNG"))
+    data[-40:-20] = bytes(20)  # inside the image data, so its CRC fails
+    err = rejected(PhotoRejected, bytes(data), "bad.png")
+    assert "truncated or corrupt" in err.detail
+
+
+def test_truncated_images_flag_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
+        normalize_photo(encode(picture(), "PNG"), "a.png", LIMITS)
+
+
+def test_pixel_limit_is_checked_on_the_header() -> None:
+    # 7000 x 7000 = 49 Mpx: over our 40 Mpx limit, under Pillow's own bomb limit.
+    data = png_declaring(7000, 7000)
+    assert len(data) < 100
+    err = rejected(PhotoTooLarge, data, "huge.png")
+    assert "7000x7000" in err.detail
+
+
+def test_pixel_limit_holds_without_pillows_bomb_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    rejected(PhotoTooLarge, png_declaring(50_000, 50_000), "bomb.png")
+
+
+def test_decompression_bomb_is_too_large_not_a_crash() -> None:
+    # Pillow itself raises DecompressionBombError at this size, in Image.open.
+    rejected(PhotoTooLarge, png_declaring(50_000, 50_000), "bomb.png")
+
+
+def test_decompression_bomb_warning_as_error_is_too_large() -> None:
+    # 10000 x 10000 is between Pillow's warning and error thresholds; where
+    # warnings are errors, the warning is raised from Image.open.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        rejected(PhotoTooLarge, png_declaring(10_000, 10_000), "bomb.png")
+
+
+def test_unsupported_decompression_bomb_is_too_large() -> None:
+    gif = bytearray(encode(Image.new("P", (10, 10)), "GIF"))
+    gif[6:10] = struct.pack("<HH", 65_535, 65_535)  # logical screen size
+    rejected(PhotoTooLarge, bytes(gif), "bomb.gif")
+
+
+def test_over_max_bytes_is_too_large() -> None:
+    data = encode(picture(), "PNG")
+    limits = dataclasses.replace(LIMITS, max_bytes=len(data) - 1)
+    err = rejected(PhotoTooLarge, data, "heavy.png", limits)
+    assert str(limits.max_bytes) in err.detail
+    normalize_photo(data, "heavy.png", dataclasses.replace(limits, max_bytes=len(data)))
+
+
+def test_empty_file_is_rejected() -> None:
+    err = rejected(PhotoRejected, b"", "empty.jpg")
+    assert "empty" in err.detail
+
+
+def test_tiny_photo_is_rejected() -> None:
+    side = LIMITS.min_side
+    err = rejected(PhotoRejected, encode(picture((side * 4, side - 1)), "PNG"), "tiny.png")
+    assert "too small" in err.detail
+    normalize_photo(encode(picture((side, side)), "PNG"), "ok.png", LIMITS)
+
+
+# --- photo count --------------------------------------------------------------------
+
+
+def test_photo_count_bounds() -> None:
+    limits = dataclasses.replace(LIMITS, min_count=3, max_count=8)
+    check_photo_count(3, limits)
+    check_photo_count(8, limits)
+    for n in (0, 2, 9):
+        with pytest.raises(InvalidInput) as info:
+            check_photo_count(n, limits)
+        assert info.value.detail == f"expected 3-8 photos, got {n}"
+
+
+def test_limits_come_from_settings() -> None:
+    s = Settings(min_photos=2, max_photos=5, stored_photo_side=512)
+    limits = PhotoLimits.from_settings(s)
+    assert (limits.min_count, limits.max_count, limits.stored_side) == (2, 5, 512)
+    assert limits.max_pixels == s.max_photo_pixels

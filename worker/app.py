@@ -1,0 +1,104 @@
+"""arq wiring for a GPU worker: startup, the one task function, shutdown.
+
+Thin on purpose: the task hands the job id to core's Executor, which claims the
+job in Postgres, runs it and records the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from arq.worker import Worker, func
+
+from core.db.engine import make_engine, make_sessionmaker, session_scope
+from core.db.models import JobKind
+from core.execution import Executor
+from core.generate_job import run_generation
+from core.settings import Settings
+from core.storage import blob_store_from_settings
+from core.train_job import run_training
+from core.workers import new_worker_id, register_worker, stop_worker, touch_worker
+from worker.queues import GPU_QUEUE, RUN_JOB, redis_settings
+
+log = logging.getLogger("atelier.worker")
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str  # e.g. rtx4090; a dev box declares the GPU it stands in for
+    device: str  # torch device: cuda:0, cpu
+    vram_bytes: int
+
+
+async def run_job(ctx: dict[str, Any], job_id: str) -> str | None:
+    executor: Executor = ctx["executor"]
+    status = await executor.execute(uuid.UUID(job_id))
+    return status.value if status else None
+
+
+async def _liveness(settings: Settings, ctx: dict[str, Any]) -> None:
+    while True:
+        await asyncio.sleep(settings.heartbeat_interval_s)
+        try:
+            async with session_scope(ctx["sessions"]) as session:
+                await touch_worker(session, ctx["worker_id"])
+        except Exception:
+            log.warning("worker heartbeat failed", exc_info=True)
+
+
+def build_worker(settings: Settings, device: Device, *, burst: bool = False) -> Worker:
+    worker_id = new_worker_id(device.name)
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        engine = make_engine(settings)
+        sessions = make_sessionmaker(engine)
+        ctx.update(engine=engine, sessions=sessions, worker_id=worker_id)
+        ctx["executor"] = Executor(
+            settings=settings,
+            sessions=sessions,
+            store=blob_store_from_settings(settings),
+            worker_id=worker_id,
+            handlers={JobKind.train: run_training, JobKind.generate: run_generation},
+        )
+        async with session_scope(sessions) as session:
+            await register_worker(
+                session,
+                worker_id=worker_id,
+                name=device.name,
+                device=device.device,
+                vram_bytes=device.vram_bytes,
+                queue=GPU_QUEUE,
+            )
+        ctx["liveness"] = asyncio.create_task(_liveness(settings, ctx))
+        log.info("worker %s ready on %s (profile %s)", worker_id, device.device, settings.profile)
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        if "liveness" in ctx:
+            ctx["liveness"].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ctx["liveness"]
+        if "sessions" in ctx:
+            async with session_scope(ctx["sessions"]) as session:
+                await stop_worker(session, worker_id)
+            await ctx["engine"].dispose()
+
+    return Worker(
+        functions=[func(run_job, name=RUN_JOB)],  # type: ignore[arg-type]
+        queue_name=GPU_QUEUE,
+        redis_settings=redis_settings(settings.redis_url),
+        on_startup=startup,
+        on_shutdown=shutdown,
+        # One job at a time per GPU: the resident pipeline is shared by train and generate.
+        max_jobs=settings.worker_concurrency,
+        job_timeout=settings.job_timeout_s,
+        # State lives in Postgres; arq neither keeps results nor retries on its own.
+        keep_result=0,
+        max_tries=1,
+        burst=burst,
+        handle_signals=True,
+    )

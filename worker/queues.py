@@ -1,0 +1,46 @@
+"""The transport contract, in one module: queue names, message ids, Redis keys.
+
+arq only carries job ids from the scheduler to workers; Postgres holds the
+state. A message may be lost (Redis flushed) or delivered twice (arq re-runs a
+crashed worker's message when its in-progress key expires): the scheduler
+re-sends lost ones, and a worker's claim in Postgres ignores duplicates.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.jobs import Job as ArqJob
+from arq.jobs import JobStatus as ArqStatus
+
+# One shared queue for GPU workers until placement picks a GPU per job.
+GPU_QUEUE = "atelier:gpu"
+RUN_JOB = "run_job"  # the one arq function workers expose
+
+
+def redis_settings(url: str) -> RedisSettings:
+    return RedisSettings.from_dsn(url)
+
+
+async def connect(url: str) -> ArqRedis:
+    return await create_pool(redis_settings(url))
+
+
+def new_message_id(job_id: uuid.UUID) -> str:
+    # Unique per dispatch, so a re-send after a flush never collides with a
+    # finished message's leftovers.
+    return f"atelier:{job_id}:{secrets.token_hex(4)}"
+
+
+async def send(redis: ArqRedis, job_id: uuid.UUID, message_id: str, queue: str = GPU_QUEUE) -> bool:
+    """Put the job on the queue; False if a message with that id is already there."""
+    sent = await redis.enqueue_job(RUN_JOB, str(job_id), _job_id=message_id, _queue_name=queue)
+    return sent is not None
+
+
+async def message_alive(redis: ArqRedis, message_id: str) -> bool:
+    """Whether arq still holds the message (queued, deferred or in progress)."""
+    status = await ArqJob(message_id, redis).status()
+    return status in (ArqStatus.queued, ArqStatus.deferred, ArqStatus.in_progress)
