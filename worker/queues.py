@@ -40,7 +40,7 @@ async def send(redis: ArqRedis, job_id: uuid.UUID, message_id: str, queue: str =
     return sent is not None
 
 
-async def message_alive(redis: ArqRedis, message_id: str) -> bool:
+async def message_alive(redis: ArqRedis, message_id: str, queue: str = GPU_QUEUE) -> bool:
     """Whether arq still holds the message (queued, deferred or in progress)."""
-    status = await ArqJob(message_id, redis).status()
+    status = await ArqJob(message_id, redis, _queue_name=queue).status()
     return status in (ArqStatus.queued, ArqStatus.deferred, ArqStatus.in_progress)

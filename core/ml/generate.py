@@ -16,7 +16,9 @@ from core.ml.pipeline import exclusive
 from core.ml.train import Canceled
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
 
 # SD 1.x latents are 1/8 of the image side, so sides must be multiples of 8.
 SIDE_MULTIPLE = 8

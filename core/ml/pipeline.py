@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
 from core.errors import CheckpointMissing, InvalidInput
 from core.ml.profiles import PROFILES, Profile, get_profile

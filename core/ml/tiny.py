@@ -17,6 +17,11 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from core.ml.profiles import get_profile
 from core.ml.tokenizer import build_clip_tokenizer
@@ -64,9 +69,7 @@ def is_complete_checkpoint(path: Path) -> bool:
     return all((path / name).is_file() for name in REQUIRED_FILES)
 
 
-def _unet(latent_side: int) -> torch.nn.Module:
-    from diffusers import UNet2DConditionModel
-
+def _unet(latent_side: int) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=latent_side,
         in_channels=LATENT_CHANNELS,
@@ -78,9 +81,7 @@ def _unet(latent_side: int) -> torch.nn.Module:
     )
 
 
-def _vae(image_side: int) -> torch.nn.Module:
-    from diffusers import AutoencoderKL
-
+def _vae(image_side: int) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -92,9 +93,7 @@ def _vae(image_side: int) -> torch.nn.Module:
     )
 
 
-def _text_encoder() -> torch.nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+def _text_encoder() -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         max_position_embeddings=CLIP_POSITIONS,
@@ -111,8 +110,6 @@ def _text_encoder() -> torch.nn.Module:
 
 
 def _save_pipeline(out_dir: Path, seed: int) -> None:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-
     resolution = get_profile(PROFILE_NAME).resolution
     # The VAE halves the side once per block after the first.
     latent_side = resolution // 2 ** (len(CHANNELS) - 1)
@@ -126,8 +123,9 @@ def _save_pipeline(out_dir: Path, seed: int) -> None:
         tokenizer=build_clip_tokenizer(out_dir / "tokenizer"),
         unet=unet,
         scheduler=DDPMScheduler(**SCHEDULE),
-        safety_checker=None,
-        feature_extractor=None,
+        # diffusers documents None for both but annotates them as required.
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)

@@ -14,28 +14,32 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from PIL import Image, ImageOps
 
+from core import errors
 from core.errors import InvalidInput
 from core.ml.pipeline import exclusive
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
 
     from core.ml.profiles import Profile
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # LoRA init as diffusers' DreamBooth script: A gaussian, B zero (adapter starts as identity).
-LORA_INIT = "gaussian"
+LORA_INIT: Literal["gaussian"] = "gaussian"
 PIXEL_SCALE = 127.5  # maps 0..255 to -1..1
 
 
-class Canceled(Exception):
+class Canceled(errors.Canceled):
     """The job asked to stop (``should_stop()`` returned True); nothing is returned."""
 
 
@@ -55,6 +59,7 @@ class TrainParams:
 
     @classmethod
     def from_profile(cls, profile: Profile, steps: int | None = None, seed: int = 0) -> TrainParams:
+        """The profile's hyper-parameters; ``steps`` None or 0 means the profile's."""
         return cls(
             steps=steps or profile.train_steps,
             learning_rate=profile.learning_rate,
@@ -82,11 +87,17 @@ def _encode_photos(
     Encoding both orientations once replaces a per-step VAE pass: picking one of
     the 2N latents uniformly is the same as a random horizontal flip.
     """
-    batch = torch.stack([_photo_tensor(photo, resolution) for photo in photos])
-    batch = torch.cat([batch, batch.flip(-1)])
     vae = pipe.vae
-    posterior = vae.encode(batch.to(vae.device, vae.dtype)).latent_dist
-    return posterior.mean.float(), posterior.std.float()
+    means, stds = [], []
+    for photo in photos:
+        pixels = _photo_tensor(photo, resolution)
+        # Two images per VAE call, not all photos at once: at 512 px a batch of
+        # 2N images would cost gigabytes of activations.
+        pair = torch.stack([pixels, pixels.flip(-1)]).to(vae.device, vae.dtype)
+        posterior = vae.encode(pair).latent_dist
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    return torch.cat(means), torch.cat(stds)
 
 
 @torch.no_grad()
@@ -138,7 +149,9 @@ def _restored(pipe: StableDiffusionPipeline) -> Iterator[None]:
             saved[name].restore(module)
 
 
-def _add_lora(pipe: StableDiffusionPipeline, params: TrainParams, adapter: str) -> list[torch.nn.Parameter]:
+def _add_lora(
+    pipe: StableDiffusionPipeline, params: TrainParams, adapter: str
+) -> list[torch.nn.Parameter]:
     from peft import LoraConfig
 
     unet = pipe.unet
@@ -160,13 +173,18 @@ def _add_lora(pipe: StableDiffusionPipeline, params: TrainParams, adapter: str) 
     return trainable
 
 
-def _noise_target(scheduler: object, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    prediction_type = scheduler.config.prediction_type  # type: ignore[attr-defined]
+def _noise_target(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.IntTensor
+) -> torch.Tensor:
+    """What the UNet learns to predict, as the checkpoint was trained (SD 2.x-style
+    checkpoints predict velocity, SD 1.x noise)."""
+    prediction_type = scheduler.config["prediction_type"]
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)  # type: ignore[attr-defined, no-any-return]
-    raise InvalidInput(f"unsupported prediction type {prediction_type!r}")
+        return scheduler.get_velocity(latents, noise, t)
+    # A property of the checkpoint, not of the request.
+    raise ValueError(f"unsupported prediction type {prediction_type!r}")
 
 
 def _randn(shape: torch.Size, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -176,7 +194,7 @@ def _randn(shape: torch.Size, generator: torch.Generator, like: torch.Tensor) ->
 
 def _training_step(
     pipe: StableDiffusionPipeline,
-    noise_scheduler: object,
+    noise_scheduler: DDPMScheduler,
     photo_latents: tuple[torch.Tensor, torch.Tensor],
     text_embeddings: torch.Tensor,
     generator: torch.Generator,
@@ -187,9 +205,11 @@ def _training_step(
     mean, std = means[pick : pick + 1], stds[pick : pick + 1]
     latents = (mean + std * _randn(mean.shape, generator, mean)) * pipe.vae.config.scaling_factor
     noise = _randn(latents.shape, generator, latents)
-    train_steps = noise_scheduler.config.num_train_timesteps  # type: ignore[attr-defined]
-    t = torch.randint(train_steps, (1,), generator=generator).to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, t)  # type: ignore[attr-defined]
+    train_steps = noise_scheduler.config["num_train_timesteps"]
+    timestep = torch.randint(train_steps, (1,), generator=generator).to(latents.device)
+    # diffusers annotates timesteps as IntTensor; any integer tensor works (this is int64).
+    t = cast(torch.IntTensor, timestep)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
     target = _noise_target(noise_scheduler, latents, noise, t)
     unet = pipe.unet
     half = unet.dtype != torch.float32
@@ -205,18 +225,21 @@ def _export_lora(pipe: StableDiffusionPipeline, adapter: str, params: TrainParam
     state dict loaded from bytes loses that header; a loader then assumes
     alpha == rank. Scaling lora_B by alpha / rank makes any loader apply it right.
     """
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     scale = params.alpha / params.rank
     peft_state = get_peft_model_state_dict(pipe.unet, adapter_name=adapter)
     folded = {
-        key: (value * scale if ".lora_B." in key else value).detach().to("cpu", torch.float32).contiguous()
+        key: (value * scale if ".lora_B." in key else value)
+        .detach()
+        .to("cpu", torch.float32)
+        .contiguous()
         for key, value in peft_state.items()
     }
     with tempfile.TemporaryDirectory(prefix="atelier-lora-") as folder:
-        StableDiffusionPipeline.save_lora_weights(
+        # The pipeline class's own writer: the file layout its load_lora_weights reads.
+        type(pipe).save_lora_weights(
             folder,
             unet_lora_layers=convert_state_dict_to_diffusers(folded),
             weight_name=LORA_WEIGHT_NAME,
@@ -244,8 +267,6 @@ def train_dreambooth_lora(
     ``on_step(step, total, loss)`` follows each step (1-based); ``should_stop()``
     is asked before each step and raises Canceled when true.
     """
-    from diffusers import DDPMScheduler
-
     _check_inputs(photos, params)
     adapter = f"atelier_train_{uuid.uuid4().hex}"
     with exclusive(pipe), _restored(pipe), torch.enable_grad():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from safetensors.torch import load
@@ -74,7 +74,9 @@ def unet_probe(pipe: StableDiffusionPipeline) -> torch.Tensor:
 def make_photos(count: int = 3) -> list[Image.Image]:
     rng = np.random.default_rng(0)
     # Not square and not 64 px, so crop and resize run.
-    return [Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)) for _ in range(count)]
+    return [
+        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)) for _ in range(count)
+    ]
 
 
 def params(steps: int = TRAIN_STEPS) -> TrainParams:
@@ -100,7 +102,9 @@ def gen_params(seed: int = 3, num_images: int = 2) -> GenerateParams:
     )
 
 
-def generate(pipe: StableDiffusionPipeline, lora: bytes | None, p: GenerateParams) -> list[GeneratedImage]:
+def generate(
+    pipe: StableDiffusionPipeline, lora: bytes | None, p: GenerateParams
+) -> list[GeneratedImage]:
     return generate_images(pipe, lora, p, ignore_progress, never)
 
 
@@ -181,7 +185,9 @@ def test_tiny_command_reports_existing(tiny_path: Path, capsys: pytest.CaptureFi
     assert "already complete" in capsys.readouterr().out
 
 
-def test_resolve_checkpoint(tiny_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_checkpoint(
+    tiny_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert resolve_checkpoint(TINY, tiny_path.parent, None) == tiny_path
     assert resolve_checkpoint(TINY, tmp_path, tiny_path) == tiny_path
     with pytest.raises(CheckpointMissing) as missing:
@@ -239,7 +245,9 @@ def test_training_returns_diffusers_lora(trained: Trained) -> None:
     assert any("lora.up" in key or "lora_B" in key for key in state)
 
 
-def test_exported_lora_reproduces_the_trained_adapter(pipe: StableDiffusionPipeline, trained: Trained) -> None:
+def test_exported_lora_reproduces_the_trained_adapter(
+    pipe: StableDiffusionPipeline, trained: Trained
+) -> None:
     base = unet_probe(pipe)
     pipe.load_lora_weights(load(trained.lora), adapter_name="probe")
     try:
@@ -262,7 +270,12 @@ def test_training_cancel(pipe: StableDiffusionPipeline) -> None:
     seen: list[int] = []
     with pytest.raises(TrainingCanceled):
         train_dreambooth_lora(
-            pipe, make_photos(1), PROMPT, params(), lambda s, _t, _l: seen.append(s), lambda: len(seen) >= 2
+            pipe,
+            make_photos(1),
+            PROMPT,
+            params(),
+            lambda s, _t, _l: seen.append(s),
+            lambda: len(seen) >= 2,
         )
     assert seen == [1, 2]
     assert_pristine(pipe, before)
@@ -281,7 +294,9 @@ def test_generation_is_reproducible_per_seed(pipe: StableDiffusionPipeline) -> N
     first = generate_images(pipe, None, gen_params(), lambda d, t: steps.append((d, t)), never)
     assert steps == [(done, 16) for done in range(1, 17)]
     assert [image.seed for image in first] == [3, 4]
-    assert [image.png for image in generate(pipe, None, gen_params())] == [image.png for image in first]
+    assert [image.png for image in generate(pipe, None, gen_params())] == [
+        image.png for image in first
+    ]
     assert first[0].png != first[1].png
     # Image i is reproducible alone from seed + i.
     assert generate(pipe, None, gen_params(seed=4, num_images=1))[0].png == first[1].png
@@ -296,12 +311,16 @@ def test_png_is_bare(pipe: StableDiffusionPipeline) -> None:
     assert decoded.info == {}
 
 
-def test_lora_changes_generation_and_is_unloaded(pipe: StableDiffusionPipeline, trained: Trained) -> None:
+def test_lora_changes_generation_and_is_unloaded(
+    pipe: StableDiffusionPipeline, trained: Trained
+) -> None:
     before = unet_state(pipe)
     plain = generate(pipe, None, gen_params())
     with_lora = generate(pipe, trained.lora, gen_params())
     assert [image.png for image in with_lora] != [image.png for image in plain]
-    assert [image.png for image in generate(pipe, trained.lora, gen_params())] == [i.png for i in with_lora]
+    assert [image.png for image in generate(pipe, trained.lora, gen_params())] == [
+        i.png for i in with_lora
+    ]
     assert_pristine(pipe, before)
     assert [image.png for image in generate(pipe, None, gen_params())] == [i.png for i in plain]
 
@@ -310,13 +329,17 @@ def test_generation_cancel_unloads_lora(pipe: StableDiffusionPipeline, trained: 
     before = unet_state(pipe)
     done: list[int] = []
     with pytest.raises(Canceled):
-        generate_images(pipe, trained.lora, gen_params(), lambda d, _t: done.append(d), lambda: bool(done))
+        generate_images(
+            pipe, trained.lora, gen_params(), lambda d, _t: done.append(d), lambda: bool(done)
+        )
     assert done == [1]
     assert_pristine(pipe, before)
 
 
 def test_generation_rejects_bad_sizes(pipe: StableDiffusionPipeline) -> None:
-    bad = GenerateParams(prompt="x", num_images=1, seed=0, steps=2, guidance_scale=1.0, width=60, height=64)
+    bad = GenerateParams(
+        prompt="x", num_images=1, seed=0, steps=2, guidance_scale=1.0, width=60, height=64
+    )
     with pytest.raises(InvalidInput):
         generate(pipe, None, bad)
 
@@ -330,9 +353,13 @@ def test_prompts() -> None:
 # --- interop ----------------------------------------------------------------------------
 
 
-def test_lora_loads_in_a_fresh_stock_pipeline(tiny_path: Path, trained: Trained, tmp_path: Path) -> None:
+def test_lora_loads_in_a_fresh_stock_pipeline(
+    tiny_path: Path, trained: Trained, tmp_path: Path
+) -> None:
     (tmp_path / "subject.safetensors").write_bytes(trained.lora)
-    fresh = StableDiffusionPipeline.from_pretrained(tiny_path, local_files_only=True, safety_checker=None)
+    fresh = StableDiffusionPipeline.from_pretrained(
+        tiny_path, local_files_only=True, safety_checker=None
+    )
     fresh.set_progress_bar_config(disable=True)
 
     def render() -> np.ndarray:

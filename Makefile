@@ -1,0 +1,46 @@
+# atelier: `make demo` runs a whole look on CPU; `make test` runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+MODELS ?= var/models
+
+.PHONY: install services db model demo test lint run clean
+
+# The venv, with everything (torch included) from pyproject.toml. Re-runs when it changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+services:
+	@scripts/services.sh
+
+db: install services
+	$(PY) -m core.db.create
+	$(VENV)/bin/alembic upgrade head
+
+# The `tiny` profile's checkpoint: real diffusers/transformers classes, seeded random weights.
+model: install
+	$(PY) -m core.ml.tiny $(MODELS)/tiny
+
+demo: db model
+	$(PY) -m demo
+
+run: db model
+	$(PY) -m demo --serve-only
+
+test: install services
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy api worker scheduler core
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

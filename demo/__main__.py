@@ -1,0 +1,181 @@
+"""`python -m demo`: start the stack and run one whole look on the tiny profile.
+
+Starts the API (uvicorn), the scheduler and one CPU worker standing in for an
+RTX 4090, creates an API key, uploads the bundled sample subject, asks for 4
+images for a prompt (training runs first), prints a progress line per stage
+and where the images are, then keeps the API up until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from core.accounts import create_account_with_key
+from core.db.engine import make_engine, make_sessionmaker, session_scope
+from core.settings import Settings, get_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTOS = sorted((ROOT / "demo" / "sample_subject").glob("*.jpg"))
+DEFAULT_PROMPT = "my next Halloween costume for a Harry Potter themed party"
+LOG_DIR = ROOT / "var" / "log"
+OUT_DIR = ROOT / "var" / "demo"
+
+
+class Stack:
+    """The Procfile's processes, as children of this one, logging to var/log."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.setdefault("ATELIER_PUBLIC_BASE_URL", f"http://127.0.0.1:{self.port}")
+        commands = {
+            "web": ["uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            "scheduler": ["scheduler"],
+            "gpu": ["worker", "gpu", "--device", "cpu", "--name", "rtx4090", "--vram", "24GiB"],
+        }
+        for name, args in commands.items():
+            log = open(LOG_DIR / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the child)
+            cmd = [sys.executable, "-m", *args]
+            self.children.append(
+                subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            )
+            print(f"started {name:<9} {' '.join(args)}  (log: var/log/{name}.log)")
+
+    def check(self) -> None:
+        for child in self.children:
+            if child.poll() is not None:
+                raise SystemExit(f"a process exited ({child.args}); see var/log/")
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+async def _new_key(settings: Settings) -> str:
+    engine = make_engine(settings)
+    try:
+        async with session_scope(make_sessionmaker(engine)) as session:
+            return (await create_account_with_key(session, "demo")).key
+    finally:
+        await engine.dispose()
+
+
+def _wait_healthy(http: httpx.Client, stack: Stack, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stack.check()
+        with contextlib.suppress(httpx.TransportError):
+            if http.get("/healthz").status_code == 200:
+                return
+        time.sleep(0.3)
+    raise SystemExit("the API did not come up; see var/log/web.log")
+
+
+def _follow(http: httpx.Client, stack: Stack, job_id: str, label: str) -> dict[str, Any]:
+    """Poll a job, printing a line whenever its stage or step changes."""
+    last = ""
+    while True:
+        stack.check()
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        detail = job["progress_detail"]
+        line = f"[{label}] {job['status']:<9} {job['stage']}"
+        if "total" in detail:
+            line += f" {detail['step']}/{detail['total']}"
+        if "loss" in detail:
+            line += f" loss={detail['loss']:.4f}"
+        if "eta_s" in detail:
+            line += f" eta {detail['eta_s']:.0f}s"
+        line += f" ({job['progress']:.0%})"
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            return dict(job)
+        time.sleep(0.5)
+
+
+def run_look(base_url: str, key: str, prompt: str, stack: Stack) -> None:
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=30) as http:
+        _wait_healthy(http, stack)
+        files = [("photos", (p.name, p.read_bytes(), "image/jpeg")) for p in PHOTOS]
+        subject = http.post("/v1/subjects", files=files, data={"class_noun": "woman"})
+        subject.raise_for_status()
+        subject_id = subject.json()["id"]
+        print(f"subject {subject_id}: {len(PHOTOS)} photos, token '{subject.json()['token']}'")
+        started = time.monotonic()
+        gen = http.post(
+            "/v1/generations",
+            json={"subject_id": subject_id, "prompt": prompt, "num_images": 4, "seed": 42},
+        )
+        gen.raise_for_status()
+        job = gen.json()
+        if job["depends_on"]:
+            train = _follow(http, stack, job["depends_on"], "train")
+            if train["status"] != "succeeded":
+                raise SystemExit(f"training {train['status']}: {train['error']}")
+        done = _follow(http, stack, job["id"], "generate")
+        if done["status"] != "succeeded":
+            raise SystemExit(f"generation {done['status']}: {done['error']}")
+        print(f"look done in {time.monotonic() - started:.1f}s: {done['result']['prompt']!r}")
+        out_dir = OUT_DIR / job["id"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for output in done["outputs"]:
+            path = out_dir / f"{output['seed']}.png"
+            path.write_bytes(http.get(output["url"]).content)
+            print(f"  {path.relative_to(ROOT)}  {output['url']}  seed {output['seed']}")
+        print(f"\ncurl -H 'Authorization: Bearer {key}' {base_url}/v1/jobs/{job['id']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m demo")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--no-serve", action="store_true", help="exit after the look")
+    parser.add_argument("--serve-only", action="store_true", help="start the stack, no look")
+    args = parser.parse_args(argv)
+
+    settings = get_settings()
+    base_url = f"http://127.0.0.1:{args.port}"
+    stack = Stack(args.port)
+    stack.start()
+    try:
+        key = asyncio.run(_new_key(settings))
+        if not args.serve_only:
+            run_look(base_url, key, args.prompt, stack)
+        else:
+            print(f"API key: {key}")
+        if not args.no_serve:
+            print(f"\nAPI at {base_url}  (docs: {base_url}/docs). Ctrl-C to stop.")
+            while True:
+                stack.check()
+                time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nstopping")
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""End to end: the HTTP API, a real scheduler and a real worker process, tiny profile.
+
+photos + prompt -> training -> 4 images, plus the failures the service must
+survive: a worker killed with SIGKILL mid-training, Redis losing its data,
+and a cancel while running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from httpx import AsyncClient
+from PIL import Image
+from redis.asyncio import Redis
+
+from core.settings import Settings
+from tests.conftest import photo_files
+from tests.e2e.conftest import Processes
+
+pytestmark = pytest.mark.e2e
+
+FINAL = {"succeeded", "failed", "canceled"}
+
+
+async def _subject(client: AsyncClient, auth: dict[str, str], photos: list) -> str:
+    response = await client.post("/v1/subjects", headers=auth, files=photo_files(photos))
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+async def _wait(
+    client: AsyncClient,
+    auth: dict[str, str],
+    job_id: str,
+    until: Callable[[dict[str, Any]], bool],
+    timeout: float = 180,
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    job: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        job = (await client.get(f"/v1/jobs/{job_id}", headers=auth)).json()
+        if until(job):
+            return job
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"job {job_id} never reached the state; last seen: {job}")
+
+
+def _finished(job: dict[str, Any]) -> bool:
+    return job["status"] in FINAL
+
+
+async def test_photos_and_prompt_to_four_images(
+    client: AsyncClient,
+    auth: dict[str, str],
+    sample_photos: list,
+    stack: object,
+    settings: Settings,
+) -> None:
+    subject_id = await _subject(client, auth, sample_photos)
+    response = await client.post(
+        "/v1/generations",
+        headers=auth,
+        json={"subject_id": subject_id, "prompt": "a Harry Potter costume", "seed": 1234},
+    )
+    assert response.status_code == 202, response.text
+    generation = response.json()
+
+    training = await _wait(client, auth, generation["depends_on"], _finished)
+    assert training["status"] == "succeeded", training
+    assert training["result"]["steps"] == settings.train_steps
+    assert training["attempts"] == 1 and training["progress"] == 1.0
+
+    done = await _wait(client, auth, generation["id"], _finished)
+    assert done["status"] == "succeeded", done
+    assert [o["seed"] for o in done["outputs"]] == [1234, 1235, 1236, 1237]
+    pixels = set()
+    for output in done["outputs"]:
+        image = await client.get(output["url"].removeprefix("http://testserver"), headers=auth)
+        assert image.status_code == 200
+        assert image.headers["content-type"] == "image/png"
+        with Image.open(io.BytesIO(image.content)) as png:
+            assert png.format == "PNG" and png.size == (output["width"], output["height"])
+            pixels.add(png.tobytes())
+    assert len(pixels) == 4  # four different images, not one copied
+
+    # Erasing the subject removes its photos, LoRA and outputs, rows and bytes.
+    assert (await client.delete(f"/v1/subjects/{subject_id}", headers=auth)).status_code == 204
+    first = done["outputs"][0]["url"].removeprefix("http://testserver")
+    assert (await client.get(first, headers=auth)).status_code == 404
+    assert not (settings.blob_dir / "subjects" / subject_id).exists()
+
+
+async def test_worker_killed_mid_training_is_retried(
+    client: AsyncClient,
+    auth: dict[str, str],
+    sample_photos: list,
+    processes: Processes,
+    sessions: object,
+    redis: Redis,
+) -> None:
+    processes.scheduler()
+    victim = processes.worker("victim")
+    subject_id = await _subject(client, auth, sample_photos)
+    train = (
+        await client.post(f"/v1/subjects/{subject_id}/train", headers=auth, json={"steps": 60})
+    ).json()
+    running = await _wait(
+        client, auth, train["id"], lambda j: j["progress_detail"].get("step", 0) >= 2
+    )
+    assert running["status"] == "running" and running["progress_detail"]["total"] == 60
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    processes.worker("rescuer")
+
+    done = await _wait(client, auth, train["id"], _finished)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2
+    assert done["result"]["steps"] == 60
+    assert "lost" in processes.log("scheduler")
+
+
+async def test_redis_flush_loses_no_job(
+    client: AsyncClient,
+    auth: dict[str, str],
+    sample_photos: list,
+    processes: Processes,
+    sessions: object,
+    redis: Redis,
+) -> None:
+    processes.scheduler()  # no worker yet: jobs wait in Redis
+    subject_id = await _subject(client, auth, sample_photos)
+    train = (
+        await client.post(f"/v1/subjects/{subject_id}/train", headers=auth, json={"steps": 3})
+    ).json()
+    await _wait(client, auth, train["id"], lambda j: j["status"] == "scheduled", timeout=30)
+    await redis.flushdb()  # everything the service had in Redis is gone
+    processes.worker()
+    done = await _wait(client, auth, train["id"], _finished)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 1
+    assert "re-sent" in processes.log("scheduler")
+
+
+async def test_cancel_stops_a_running_job(
+    client: AsyncClient,
+    auth: dict[str, str],
+    sample_photos: list,
+    stack: object,
+) -> None:
+    subject_id = await _subject(client, auth, sample_photos)
+    train = (
+        await client.post(f"/v1/subjects/{subject_id}/train", headers=auth, json={"steps": 2000})
+    ).json()
+    await _wait(client, auth, train["id"], lambda j: j["progress_detail"].get("step", 0) >= 1)
+    response = await client.post(f"/v1/jobs/{train['id']}/cancel", headers=auth)
+    assert response.status_code == 200 and response.json()["cancel_requested"]
+    done = await _wait(client, auth, train["id"], _finished, timeout=30)
+    assert done["status"] == "canceled"
+    assert done["progress_detail"]["step"] < 2000
+    # Nothing was trained, so a generation must train first.
+    gen = await client.post(
+        "/v1/generations", headers=auth, json={"subject_id": subject_id, "prompt": "a scarf"}
+    )
+    assert gen.json()["depends_on"] is not None

@@ -1,0 +1,196 @@
+"""The job state machine and the scheduler loop on real Postgres and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+from arq.connections import ArqRedis
+from redis.asyncio import Redis
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core import jobs
+from core.db.engine import session_scope
+from core.db.models import Account, Job, JobKind, JobStatus, Subject
+from core.settings import Settings
+from scheduler.dispatcher import Dispatcher
+from worker.queues import GPU_QUEUE, connect, message_alive
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+async def _account_subject(sessions: Sessions) -> tuple[uuid.UUID, uuid.UUID]:
+    async with session_scope(sessions) as session:
+        account = Account(name="t")
+        session.add(account)
+        await session.flush()
+        subject = Subject(account_id=account.id, class_noun="person", token="sks")
+        session.add(subject)
+    return account.id, subject.id
+
+
+async def _job(
+    sessions: Sessions, kind: JobKind = JobKind.train, depends_on: uuid.UUID | None = None
+) -> Job:
+    account_id, subject_id = await _account_subject(sessions)
+    async with session_scope(sessions) as session:
+        return await jobs.create_job(
+            session,
+            account_id=account_id,
+            subject_id=subject_id,
+            kind=kind,
+            params={"profile": "tiny"},
+            max_attempts=2,
+            depends_on=depends_on,
+        )
+
+
+async def _reload(sessions: Sessions, job_id: uuid.UUID) -> Job:
+    async with sessions() as session:
+        job = await session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+async def _age(sessions: Sessions, job_id: uuid.UUID, **columns: timedelta) -> None:
+    """Move a job's timestamps into the past instead of sleeping."""
+    async with session_scope(sessions) as session:
+        job = await session.get(Job, job_id)
+        assert job is not None
+        values = {name: getattr(job, name) - delta for name, delta in columns.items()}
+        await session.execute(update(Job).where(Job.id == job_id).values(**values))  # type: ignore[arg-type]
+
+
+async def _dispatcher(settings: Settings, sessions: Sessions) -> tuple[Dispatcher, ArqRedis]:
+    arq = await connect(settings.redis_url)
+    return Dispatcher(settings, sessions, arq), arq
+
+
+async def test_dispatch_sends_one_message_per_job(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    job = await _job(sessions)
+    dispatcher, arq = await _dispatcher(settings, sessions)
+    assert await dispatcher.dispatch() == 1
+    assert await dispatcher.dispatch() == 0  # nothing is handed out twice
+    scheduled = await _reload(sessions, job.id)
+    assert scheduled.status == JobStatus.scheduled
+    assert scheduled.transport_id and await message_alive(arq, scheduled.transport_id)
+    assert await redis.zcard(GPU_QUEUE) == 1
+    await arq.aclose()
+
+
+async def test_claim_is_exclusive_and_heartbeat_sees_cancel(sessions: Sessions) -> None:
+    job = await _job(sessions)
+    async with session_scope(sessions) as session:
+        await jobs.take_dispatchable(session, 10)
+    async with session_scope(sessions) as session:
+        first = await jobs.claim(session, job.id, "w1")
+    async with session_scope(sessions) as session:
+        second = await jobs.claim(session, job.id, "w2")
+    assert first is not None and first.attempts == 1 and first.worker_id == "w1"
+    assert second is None
+    async with session_scope(sessions) as session:
+        beat = await jobs.heartbeat(session, job.id, "w1", stage="training", progress=0.5, detail={})
+    assert beat is False
+    async with session_scope(sessions) as session:
+        await jobs.cancel_job(session, first.account_id, job.id)
+    async with session_scope(sessions) as session:
+        assert await jobs.heartbeat(session, job.id, "w1", stage="x", progress=0.5, detail={})
+        # Another worker's heartbeat is refused: the job is not theirs.
+        assert await jobs.heartbeat(session, job.id, "w2", stage="x", progress=0.5, detail={}) is None
+
+
+async def test_dependent_waits_for_its_prerequisite_and_fails_with_it(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    train = await _job(sessions)
+    gen = await _job(sessions, JobKind.generate, depends_on=train.id)
+    dispatcher, arq = await _dispatcher(settings, sessions)
+    assert await dispatcher.dispatch() == 1  # only the training job
+    assert (await _reload(sessions, gen.id)).status == JobStatus.queued
+    async with session_scope(sessions) as session:
+        await jobs.claim(session, train.id, "w1")
+    async with session_scope(sessions) as session:
+        await jobs.give_up(session, train.id, "w1", {"code": "x", "detail": "boom"}, retryable=False)
+    await dispatcher.tick()
+    failed = await _reload(sessions, gen.id)
+    assert failed.status == JobStatus.failed
+    assert failed.error and failed.error["code"] == "dependency-failed"
+    await arq.aclose()
+
+
+async def test_dependent_runs_after_prerequisite_succeeds(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    train = await _job(sessions)
+    gen = await _job(sessions, JobKind.generate, depends_on=train.id)
+    dispatcher, arq = await _dispatcher(settings, sessions)
+    await dispatcher.dispatch()
+    async with session_scope(sessions) as session:
+        await jobs.claim(session, train.id, "w1")
+    async with session_scope(sessions) as session:
+        assert await jobs.complete(session, train.id, "w1", {"ok": True})
+    assert await dispatcher.dispatch() == 1
+    assert (await _reload(sessions, gen.id)).status == JobStatus.scheduled
+    await arq.aclose()
+
+
+async def test_reaper_requeues_then_fails_a_job_whose_worker_died(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    job = await _job(sessions)  # max_attempts=2
+    dispatcher, arq = await _dispatcher(settings, sessions)
+    stale = timedelta(seconds=settings.heartbeat_stale_s + 1)
+    for attempt in (1, 2):
+        await dispatcher.dispatch()
+        async with session_scope(sessions) as session:
+            assert await jobs.claim(session, job.id, f"w{attempt}")
+        await dispatcher.reap()
+        assert (await _reload(sessions, job.id)).status == JobStatus.running  # fresh heartbeat
+        await _age(sessions, job.id, heartbeat_at=stale)
+        await dispatcher.reap()
+    final = await _reload(sessions, job.id)
+    assert final.status == JobStatus.failed
+    assert final.attempts == 2
+    assert final.error and final.error["code"] == "worker-lost"
+    assert "attempt 2 of 2" in final.error["detail"]
+    await arq.aclose()
+
+
+async def test_reconcile_resends_messages_lost_in_a_redis_flush(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    job = await _job(sessions)
+    dispatcher, arq = await _dispatcher(settings, sessions)
+    await dispatcher.dispatch()
+    before = (await _reload(sessions, job.id)).transport_id
+    await dispatcher.reconcile()  # within the grace period and alive: untouched
+    assert (await _reload(sessions, job.id)).transport_id == before
+
+    await redis.flushdb()
+    await _age(sessions, job.id, scheduled_at=timedelta(seconds=settings.reconcile_grace_s + 1))
+    await dispatcher.reconcile()
+    after = await _reload(sessions, job.id)
+    assert after.status == JobStatus.scheduled
+    assert after.transport_id and after.transport_id != before
+    assert await message_alive(arq, after.transport_id)
+    await arq.aclose()
+
+
+async def test_scheduler_loop_survives_and_dispatches(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    dispatcher, arq = await _dispatcher(settings, sessions)
+    loop = asyncio.create_task(dispatcher.run_forever())
+    job = await _job(sessions)
+    for _ in range(50):
+        if (await _reload(sessions, job.id)).status == JobStatus.scheduled:
+            break
+        await asyncio.sleep(0.1)
+    loop.cancel()
+    assert (await _reload(sessions, job.id)).status == JobStatus.scheduled
+    await arq.aclose()
