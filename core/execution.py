@@ -108,6 +108,12 @@ class Executor:
         job = ctx.job
         try:
             done = await self.handlers[JobKind(job.kind)](ctx)
+        except asyncio.CancelledError:
+            # The worker is stopping (SIGTERM, deploy): hand the job back now
+            # instead of letting the reaper find it stale.
+            ctx.stop.set()
+            await asyncio.shield(self._release(job))
+            raise
         except Canceled:
             if taken.is_set():
                 return None
@@ -121,6 +127,11 @@ class Executor:
                 return None
             session.add_all(done.rows)
         return JobStatus.succeeded
+
+    async def _release(self, job: Job) -> None:
+        async with session_scope(self.sessions) as session:
+            if await jobs.release(session, job.id, self.worker_id):
+                log.info("job %s handed back to the queue: worker stopping", job.id)
 
     async def _record_failure(self, job: Job, exc: Exception) -> JobStatus | None:
         retryable = not isinstance(exc, AtelierError) or exc.kind is ErrorKind.unavailable

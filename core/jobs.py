@@ -357,6 +357,20 @@ async def give_up(
     return outcome
 
 
+async def release(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> bool:
+    """The worker is shutting down: put the job back without spending an attempt."""
+    job = await _owned_job(session, job_id, worker_id)
+    if job is None:
+        return False
+    job.status = JobStatus.queued.value  # type: ignore[assignment]
+    job.stage = "requeued: worker stopped"
+    job.attempts -= 1
+    job.worker_id = None
+    job.updated_at = utcnow()
+    await session.flush()
+    return True
+
+
 async def acknowledge_cancel(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> bool:
     job = await _owned_job(session, job_id, worker_id)
     if job is None:

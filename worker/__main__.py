@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+
+from prometheus_client import start_http_server
 
 from core.settings import get_settings
 from core.workers import parse_bytes
@@ -23,10 +26,22 @@ def main(argv: list[str] | None = None) -> None:
     gpu.add_argument("--name", default="rtx4090", help="GPU model this worker is, or stands in for")
     gpu.add_argument("--vram", default="24GiB", help="memory the device offers, e.g. 24GiB")
     gpu.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    gpu.add_argument(
+        "--metrics-port", type=int, default=None, help="Prometheus port (default: settings)"
+    )
     args = parser.parse_args(argv)
 
+    # Weights are only ever read from local files; the console shows job progress,
+    # not library progress bars.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = get_settings()
+    port = settings.worker_metrics_port if args.metrics_port is None else args.metrics_port
+    if port:
+        start_http_server(port)
     if args.device:
         settings = settings.model_copy(update={"device": args.device})
     if settings.torch_threads:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,9 @@ class Processes:
         self.running.append(proc)
         return proc
 
-    def worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
-        return self.start("worker", "gpu", "--device", "cpu", "--name", "rtx4090", name=name)
+    def worker(self, name: str = "worker", metrics_port: int = 0) -> subprocess.Popen[bytes]:
+        args = ["gpu", "--device", "cpu", "--name", "rtx4090", "--metrics-port", str(metrics_port)]
+        return self.start("worker", *args, name=name)
 
     def scheduler(self) -> subprocess.Popen[bytes]:
         return self.start("scheduler", name="scheduler")
@@ -76,11 +78,16 @@ def processes(
     procs.stop_all()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture
-async def stack(
-    processes: Processes, sessions: object, redis: object
-) -> AsyncIterator[Callable[[], None]]:
-    """Scheduler plus one worker, on a clean database and Redis."""
+async def stack(processes: Processes, sessions: object, redis: object) -> AsyncIterator[int]:
+    """Scheduler plus one worker, on a clean database and Redis; yields its metrics port."""
+    port = free_port()
     processes.scheduler()
-    processes.worker()
-    yield processes.stop_all
+    processes.worker(metrics_port=port)
+    yield port

@@ -59,7 +59,7 @@ async def test_photos_and_prompt_to_four_images(
     client: AsyncClient,
     auth: dict[str, str],
     sample_photos: list,
-    stack: object,
+    stack: int,
     settings: Settings,
 ) -> None:
     subject_id = await _subject(client, auth, sample_photos)
@@ -88,6 +88,11 @@ async def test_photos_and_prompt_to_four_images(
             assert png.format == "PNG" and png.size == (output["width"], output["height"])
             pixels.add(png.tobytes())
     assert len(pixels) == 4  # four different images, not one copied
+
+    async with AsyncClient() as plain:
+        metrics = (await plain.get(f"http://127.0.0.1:{stack}/metrics")).text
+    assert 'atelier_job_duration_seconds_count{kind="generate",outcome="succeeded"} 1.0' in metrics
+    assert 'atelier_job_duration_seconds_count{kind="train",outcome="succeeded"} 1.0' in metrics
 
     # Erasing the subject removes its photos, LoRA and outputs, rows and bytes.
     assert (await client.delete(f"/v1/subjects/{subject_id}", headers=auth)).status_code == 204
@@ -151,7 +156,7 @@ async def test_cancel_stops_a_running_job(
     client: AsyncClient,
     auth: dict[str, str],
     sample_photos: list,
-    stack: object,
+    stack: int,
 ) -> None:
     subject_id = await _subject(client, auth, sample_photos)
     train = (
@@ -168,3 +173,27 @@ async def test_cancel_stops_a_running_job(
         "/v1/generations", headers=auth, json={"subject_id": subject_id, "prompt": "a scarf"}
     )
     assert gen.json()["depends_on"] is not None
+
+
+async def test_stopping_a_worker_hands_its_job_back(
+    client: AsyncClient,
+    auth: dict[str, str],
+    sample_photos: list,
+    processes: Processes,
+    sessions: object,
+    redis: Redis,
+) -> None:
+    processes.scheduler()
+    leaving = processes.worker("leaving")
+    subject_id = await _subject(client, auth, sample_photos)
+    train = (
+        await client.post(f"/v1/subjects/{subject_id}/train", headers=auth, json={"steps": 60})
+    ).json()
+    await _wait(client, auth, train["id"], lambda j: j["progress_detail"].get("step", 0) >= 2)
+    leaving.send_signal(signal.SIGTERM)  # a deploy, not a crash
+    back = await _wait(client, auth, train["id"], lambda j: j["status"] != "running", timeout=30)
+    # Handed back at once, well before the reaper's staleness limit, no attempt spent.
+    assert back["status"] in ("queued", "scheduled") and back["attempts"] == 0, back
+    processes.worker("next")
+    done = await _wait(client, auth, train["id"], _finished)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
