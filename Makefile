@@ -40,7 +40,7 @@ test: install services
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy api worker scheduler core
+	$(VENV)/bin/mypy api worker scheduler core demo bench
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,7 @@ import secrets
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.models import Account, ApiKey
@@ -48,9 +48,10 @@ async def authenticate(session: AsyncSession, key: str | None) -> uuid.UUID:
     """The account a bearer key belongs to; Unauthorized for anything else."""
     if not key:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    row = await session.scalar(
-        select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
+    query = select(ApiKey).where(
+        col(ApiKey.key_hash) == hash_key(key), col(ApiKey.revoked_at).is_(None)
     )
+    row = (await session.exec(query)).first()
     if row is None:
         raise Unauthorized("invalid or revoked API key")
     return row.account_id

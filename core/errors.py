@@ -7,11 +7,11 @@ status code. core/ never imports HTTP; api/problems.py does the mapping.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class ErrorKind(str, Enum):
+class ErrorKind(StrEnum):
     invalid = "invalid"  # the request itself is wrong (422 / 400)
     too_large = "too_large"  # over a size limit (413)
     unsupported = "unsupported"  # a format we do not take (415)

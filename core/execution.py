@@ -137,6 +137,7 @@ class Executor:
         retryable = not isinstance(exc, AtelierError) or exc.kind is ErrorKind.unavailable
         if isinstance(exc, CheckpointMissing):
             retryable = False  # another attempt on this host cannot find it either
+        error: dict[str, Any]
         if isinstance(exc, AtelierError):
             error = {"code": exc.code, "detail": exc.detail}
         else:

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core import jobs
@@ -86,9 +86,11 @@ async def request_generation(
 ) -> Job:
     subject = await get_subject(session, account_id, request.subject_id)
     prompt = check_prompt(request.prompt, settings)
-    negative = check_prompt(request.negative_prompt, settings, "negative_prompt") if (
-        request.negative_prompt.strip()
-    ) else ""
+    negative = (
+        check_prompt(request.negative_prompt, settings, "negative_prompt")
+        if (request.negative_prompt.strip())
+        else ""
+    )
     if not 1 <= request.num_images <= settings.max_images:
         raise InvalidInput(f"num_images must be 1-{settings.max_images}", field="num_images")
     seed = request.seed if request.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4]) >> 1
@@ -132,8 +134,8 @@ async def request_generation(
 
 
 async def job_outputs(session: AsyncSession, job_id: uuid.UUID) -> list[Output]:
-    query = select(Output).where(Output.job_id == job_id).order_by(Output.position)  # type: ignore[arg-type]
-    return list((await session.execute(query)).scalars().all())
+    query = select(Output).where(col(Output.job_id) == job_id).order_by(col(Output.position))
+    return list((await session.exec(query)).all())
 
 
 async def get_output(session: AsyncSession, account_id: uuid.UUID, output_id: uuid.UUID) -> Output:

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import aliased
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.models import ACTIVE, Job, JobKind, JobStatus, utcnow
@@ -58,11 +59,16 @@ async def create_job(
     stmt = insert(Job).values(**values)
     if idempotency_key is not None:
         stmt = stmt.on_conflict_do_nothing(constraint="uq_job_idempotency")
-    inserted = (await session.execute(stmt.returning(Job.id))).scalar_one_or_none()
+    inserted = (await session.execute(stmt.returning(col(Job.id)))).scalar_one_or_none()
     if inserted is None:  # the same key was used before
-        existing = await session.scalar(
-            select(Job).where(Job.account_id == account_id, Job.idempotency_key == idempotency_key)
-        )
+        existing = (
+            await session.exec(
+                select(Job).where(
+                    col(Job.account_id) == account_id,
+                    col(Job.idempotency_key) == idempotency_key,
+                )
+            )
+        ).first()
         assert existing is not None
         if existing.kind != kind.value or existing.subject_id != subject_id:
             raise Conflict("Idempotency-Key was already used for a different request")
@@ -110,18 +116,21 @@ async def list_jobs(
     kind: JobKind | None = None,
 ) -> Page:
     """Newest first; the cursor is the last row's (created_at, id), stable under inserts."""
-    query = select(Job).where(Job.account_id == account_id)
+    query = select(Job).where(col(Job.account_id) == account_id)
     if status is not None:
-        query = query.where(Job.status == status.value)
+        query = query.where(col(Job.status) == status.value)
     if kind is not None:
-        query = query.where(Job.kind == kind.value)
+        query = query.where(col(Job.kind) == kind.value)
     if cursor:
         created, job_id = _decode_cursor(cursor)
         query = query.where(
-            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id))
+            or_(
+                col(Job.created_at) < created,
+                and_(col(Job.created_at) == created, col(Job.id) < job_id),
+            )
         )
-    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)  # type: ignore[attr-defined]
-    rows = (await session.execute(query)).scalars().all()
+    query = query.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit + 1)
+    rows = (await session.exec(query)).all()
     more = len(rows) > limit
     rows = rows[:limit]
     return Page(rows, _encode_cursor(rows[-1]) if more and rows else None)
@@ -143,7 +152,9 @@ async def cancel_job(session: AsyncSession, account_id: uuid.UUID, job_id: uuid.
     return job
 
 
-def _finish(job: Job, status: JobStatus, *, stage: str, error: dict[str, Any] | None = None) -> None:
+def _finish(
+    job: Job, status: JobStatus, *, stage: str, error: dict[str, Any] | None = None
+) -> None:
     job.status = status.value  # type: ignore[assignment]
     job.stage = stage
     job.error = error
@@ -158,12 +169,12 @@ async def fail_blocked_dependents(session: AsyncSession) -> int:
     """Queued jobs whose prerequisite failed or was canceled can never run: fail them."""
     parent = aliased(Job)
     rows = (
-        await session.execute(
-            select(Job, parent.status)
-            .join(parent, Job.depends_on == parent.id)  # type: ignore[arg-type]
+        await session.exec(
+            select(Job, col(parent.status))
+            .join(parent, col(Job.depends_on) == col(parent.id))
             .where(
-                Job.status == JobStatus.queued.value,
-                parent.status.in_([JobStatus.failed.value, JobStatus.canceled.value]),  # type: ignore[attr-defined]
+                col(Job.status) == JobStatus.queued.value,
+                col(parent.status).in_([JobStatus.failed.value, JobStatus.canceled.value]),
             )
             .with_for_update(of=Job, skip_locked=True)
         )
@@ -190,16 +201,16 @@ async def take_dispatchable(session: AsyncSession, limit: int) -> list[Job]:
     parent = aliased(Job)
     query = (
         select(Job)
-        .outerjoin(parent, Job.depends_on == parent.id)  # type: ignore[arg-type]
+        .outerjoin(parent, col(Job.depends_on) == col(parent.id))
         .where(
-            Job.status == JobStatus.queued.value,
-            or_(Job.depends_on.is_(None), parent.status == JobStatus.succeeded.value),  # type: ignore[union-attr]
+            col(Job.status) == JobStatus.queued.value,
+            or_(col(Job.depends_on).is_(None), col(parent.status) == JobStatus.succeeded.value),
         )
-        .order_by(Job.priority.desc(), Job.created_at)  # type: ignore[attr-defined]
+        .order_by(col(Job.priority).desc(), col(Job.created_at))
         .limit(limit)
         .with_for_update(of=Job, skip_locked=True)
     )
-    jobs = list((await session.execute(query)).scalars().all())
+    jobs = list((await session.exec(query)).all())
     for job in jobs:
         job.status = JobStatus.scheduled.value  # type: ignore[assignment]
         job.stage = "scheduled"
@@ -211,10 +222,10 @@ async def take_dispatchable(session: AsyncSession, limit: int) -> list[Job]:
 async def scheduled_unclaimed(session: AsyncSession, older_than: timedelta) -> list[Job]:
     """Scheduled jobs nobody claimed for a while: their transport message may be lost."""
     query = select(Job).where(
-        Job.status == JobStatus.scheduled.value,
-        Job.scheduled_at < _now() - older_than,  # type: ignore[operator]
+        col(Job.status) == JobStatus.scheduled.value,
+        col(Job.scheduled_at) < _now() - older_than,
     )
-    return list((await session.execute(query)).scalars().all())
+    return list((await session.exec(query)).all())
 
 
 @dataclass(frozen=True)
@@ -229,13 +240,13 @@ async def reap_orphans(session: AsyncSession, stale_after: timedelta) -> list[Re
     query = (
         select(Job)
         .where(
-            Job.status == JobStatus.running.value,
-            Job.heartbeat_at < _now() - stale_after,  # type: ignore[operator]
+            col(Job.status) == JobStatus.running.value,
+            col(Job.heartbeat_at) < _now() - stale_after,
         )
         .with_for_update(skip_locked=True)
     )
     reaped = []
-    for job in (await session.execute(query)).scalars().all():
+    for job in (await session.exec(query)).all():
         lost = {"code": "worker-lost", "detail": f"worker {job.worker_id} stopped heartbeating"}
         reaped.append(Reaped(job.id, job.worker_id, _retry_or_fail(job, lost)))
     await session.flush()
@@ -246,7 +257,10 @@ def _retry_or_fail(job: Job, error: dict[str, Any]) -> JobStatus:
     if job.cancel_requested:
         _finish(job, JobStatus.canceled, stage="canceled")
     elif job.attempts >= job.max_attempts:
-        error = {**error, "detail": f"{error['detail']} (attempt {job.attempts} of {job.max_attempts})"}
+        error = {
+            **error,
+            "detail": f"{error['detail']} (attempt {job.attempts} of {job.max_attempts})",
+        }
         _finish(job, JobStatus.failed, stage="failed", error=error)
     else:
         job.status = JobStatus.queued.value  # type: ignore[assignment]
@@ -264,17 +278,17 @@ async def claim(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> Job
     """Take a scheduled job for this worker; None if it is not (or no longer) ours to run."""
     stmt = (
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.scheduled.value)  # type: ignore[arg-type]
+        .where(col(Job.id) == job_id, col(Job.status) == JobStatus.scheduled.value)
         .values(
             status=JobStatus.running.value,
             stage="starting",
-            attempts=Job.attempts + 1,
+            attempts=col(Job.attempts) + 1,
             worker_id=worker_id,
             started_at=_now(),
             heartbeat_at=_now(),
             updated_at=_now(),
         )
-        .returning(Job.id)
+        .returning(col(Job.id))
     )
     if (await session.execute(stmt)).scalar_one_or_none() is None:
         return None
@@ -283,9 +297,9 @@ async def claim(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> Job
 
 def _owned(job_id: uuid.UUID, worker_id: str) -> Any:
     return and_(
-        Job.id == job_id,  # type: ignore[arg-type]
-        Job.worker_id == worker_id,  # type: ignore[arg-type]
-        Job.status == JobStatus.running.value,  # type: ignore[arg-type]
+        col(Job.id) == job_id,
+        col(Job.worker_id) == worker_id,
+        col(Job.status) == JobStatus.running.value,
     )
 
 
@@ -310,14 +324,14 @@ async def heartbeat(
             progress=progress,
             progress_detail=detail,
         )
-        .returning(Job.cancel_requested)
+        .returning(col(Job.cancel_requested))
     )
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
 async def _owned_job(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> Job | None:
     query = select(Job).where(_owned(job_id, worker_id)).with_for_update()
-    return (await session.execute(query)).scalar_one_or_none()
+    return (await session.exec(query)).one_or_none()
 
 
 async def complete(
@@ -386,14 +400,14 @@ async def active_job_for_subject(
     query = (
         select(Job)
         .where(
-            Job.subject_id == subject_id,
-            Job.kind == kind.value,
-            Job.status.in_([s.value for s in ACTIVE]),  # type: ignore[attr-defined]
+            col(Job.subject_id) == subject_id,
+            col(Job.kind) == kind.value,
+            col(Job.status).in_([s.value for s in ACTIVE]),
         )
-        .order_by(Job.created_at.desc())  # type: ignore[attr-defined]
+        .order_by(col(Job.created_at).desc())
         .limit(1)
     )
-    return (await session.execute(query)).scalar_one_or_none()
+    return (await session.exec(query)).one_or_none()
 
 
 async def replace_transport_id(
@@ -403,11 +417,11 @@ async def replace_transport_id(
     stmt = (
         update(Job)
         .where(
-            Job.id == job_id,  # type: ignore[arg-type]
-            Job.status == JobStatus.scheduled.value,  # type: ignore[arg-type]
-            Job.transport_id == old,  # type: ignore[arg-type]
+            col(Job.id) == job_id,
+            col(Job.status) == JobStatus.scheduled.value,
+            col(Job.transport_id) == old,
         )
         .values(transport_id=new, scheduled_at=_now(), updated_at=_now())
-        .returning(Job.id)
+        .returning(col(Job.id))
     )
     return (await session.execute(stmt)).scalar_one_or_none() is not None

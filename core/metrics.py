@@ -14,7 +14,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _JOB_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 HTTP_REQUESTS = Counter(
-    "atelier_http_requests_total", "HTTP requests by route and status", ["method", "route", "status"]
+    "atelier_http_requests_total",
+    "HTTP requests by route and status",
+    ["method", "route", "status"],
 )
 HTTP_LATENCY = Histogram(
     "atelier_http_request_duration_seconds",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from core.settings import Settings
@@ -10,6 +11,15 @@ if TYPE_CHECKING:
     from core.ml.profiles import Profile
 
 _resident: Any = None
+
+
+def offline_quiet_env() -> None:
+    """Call before importing diffusers/transformers: weights are only ever read from
+    local files, and the console shows job progress, not library progress bars."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def resident_pipeline(settings: Settings, profile: Profile) -> Any:

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.models import Lora, Subject, SubjectPhoto
@@ -127,20 +127,20 @@ async def get_subject(
 async def subject_photos(session: AsyncSession, subject_id: uuid.UUID) -> list[SubjectPhoto]:
     query = (
         select(SubjectPhoto)
-        .where(SubjectPhoto.subject_id == subject_id)
-        .order_by(SubjectPhoto.position)  # type: ignore[arg-type]
+        .where(col(SubjectPhoto.subject_id) == subject_id)
+        .order_by(col(SubjectPhoto.position))
     )
-    return list((await session.execute(query)).scalars().all())
+    return list((await session.exec(query)).all())
 
 
 async def latest_lora(session: AsyncSession, subject_id: uuid.UUID, profile: str) -> Lora | None:
     query = (
         select(Lora)
-        .where(Lora.subject_id == subject_id, Lora.profile == profile)
-        .order_by(Lora.created_at.desc())  # type: ignore[attr-defined]
+        .where(col(Lora.subject_id) == subject_id, col(Lora.profile) == profile)
+        .order_by(col(Lora.created_at).desc())
         .limit(1)
     )
-    return (await session.execute(query)).scalar_one_or_none()
+    return (await session.exec(query)).one_or_none()
 
 
 async def delete_subject(

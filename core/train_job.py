@@ -30,7 +30,9 @@ async def run_training(ctx: JobContext) -> JobResult:
     async with ctx.sessions() as session:
         subject = await get_subject(session, job.account_id, job.subject_id)
         photo_rows = await subject_photos(session, subject.id)
-    photos = [Image.open(io.BytesIO(await ctx.store.get(p.blob_key))).convert("RGB") for p in photo_rows]
+    photos = [
+        Image.open(io.BytesIO(await ctx.store.get(p.blob_key))).convert("RGB") for p in photo_rows
+    ]
     pipe = await asyncio.to_thread(resident_pipeline, ctx.settings, profile)
     ctx.raise_if_stopped()
 

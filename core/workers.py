@@ -9,6 +9,7 @@ import socket
 
 from sqlalchemy import func, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.models import Worker
@@ -40,11 +41,11 @@ async def register_worker(
 
 async def touch_worker(session: AsyncSession, worker_id: str) -> None:
     await session.execute(
-        update(Worker).where(Worker.id == worker_id).values(last_seen=func.now())  # type: ignore[arg-type]
+        update(Worker).where(col(Worker.id) == worker_id).values(last_seen=func.now())
     )
 
 
 async def stop_worker(session: AsyncSession, worker_id: str) -> None:
     await session.execute(
-        update(Worker).where(Worker.id == worker_id).values(stopped_at=func.now())  # type: ignore[arg-type]
+        update(Worker).where(col(Worker.id) == worker_id).values(stopped_at=func.now())
     )

@@ -32,6 +32,14 @@ LOG_DIR = ROOT / "var" / "log"
 OUT_DIR = ROOT / "var" / "demo"
 
 
+def _command_line(child: subprocess.Popen[bytes]) -> str:
+    """The child's command as one readable line (its args may be str, bytes or paths)."""
+    args = child.args
+    if isinstance(args, str | bytes | os.PathLike):
+        return os.fsdecode(args)
+    return " ".join(os.fsdecode(arg) for arg in args)
+
+
 class Stack:
     """The Procfile's processes, as children of this one, logging to var/log."""
 
@@ -49,7 +57,7 @@ class Stack:
             "gpu": ["worker", "gpu", "--device", "cpu", "--name", "rtx4090", "--vram", "24GiB"],
         }
         for name, args in commands.items():
-            log = open(LOG_DIR / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the child)
+            log = open(LOG_DIR / f"{name}.log", "ab")
             cmd = [sys.executable, "-m", *args]
             self.children.append(
                 subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -59,7 +67,7 @@ class Stack:
     def check(self) -> None:
         for child in self.children:
             if child.poll() is not None:
-                raise SystemExit(f"a process exited ({child.args}); see var/log/")
+                raise SystemExit(f"a process exited ({_command_line(child)}); see var/log/")
 
     def stop(self) -> None:
         for child in self.children:

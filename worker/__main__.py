@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from prometheus_client import start_http_server
 
+from core.ml_runtime import offline_quiet_env
 from core.settings import get_settings
 from core.workers import parse_bytes
 from worker.app import Device, build_worker
@@ -31,12 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    # Weights are only ever read from local files; the console shows job progress,
-    # not library progress bars.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    offline_quiet_env()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = get_settings()
     port = settings.worker_metrics_port if args.metrics_port is None else args.metrics_port

@@ -88,7 +88,7 @@ def build_worker(settings: Settings, device: Device, *, burst: bool = False) -> 
             await ctx["engine"].dispose()
 
     return Worker(
-        functions=[func(run_job, name=RUN_JOB)],  # type: ignore[arg-type]
+        functions=[func(run_job, name=RUN_JOB)],
         queue_name=GPU_QUEUE,
         redis_settings=redis_settings(settings.redis_url),
         on_startup=startup,

@@ -4,6 +4,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.deps import AccountDep, SessionDep, SettingsDep
 from api.schemas import JobOut, JobPage, OutputOut
@@ -11,7 +12,6 @@ from core import jobs
 from core.db.models import Job, JobKind, JobStatus
 from core.generations import job_outputs
 from core.settings import Settings
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -8,8 +8,8 @@ erasing a subject is one row cascade plus one prefix delete.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
-from enum import Enum
+from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, Index, String, UniqueConstraint
@@ -18,7 +18,7 @@ from sqlmodel import Field, SQLModel
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 TIMESTAMP = DateTime(timezone=True)
@@ -36,13 +36,11 @@ def _fk(target: str, *, nullable: bool = False, index: bool = True) -> Any:
     # ON DELETE CASCADE: erasing an account or subject erases what hangs off it.
     return Field(
         default=None,
-        sa_column=Column(
-            ForeignKey(target, ondelete="CASCADE"), nullable=nullable, index=index
-        ),
+        sa_column=Column(ForeignKey(target, ondelete="CASCADE"), nullable=nullable, index=index),
     )
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     queued = "queued"  # in Postgres, waiting for the scheduler
     scheduled = "scheduled"  # handed to arq for a worker
     running = "running"  # claimed by a worker that heartbeats
@@ -59,7 +57,7 @@ FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled}
 ACTIVE = frozenset({JobStatus.queued, JobStatus.scheduled, JobStatus.running})
 
 
-class JobKind(str, Enum):
+class JobKind(StrEnum):
     train = "train"
     generate = "generate"
 
@@ -130,7 +128,7 @@ class Job(SQLModel, table=True):
     status: JobStatus = Field(default=JobStatus.queued, sa_type=String(16), index=True)
     priority: int = 0
     idempotency_key: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)  # type: ignore[call-overload]
+    params: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)
     # A job that needs another to succeed first (generation waiting for training).
     depends_on: uuid.UUID | None = Field(
         default=None,
@@ -139,15 +137,15 @@ class Job(SQLModel, table=True):
     stage: str = "queued"
     progress: float = 0.0
     # Stage details: step/total, loss, eta_s... whatever the stage reports.
-    progress_detail: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)  # type: ignore[call-overload]
+    progress_detail: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)
     attempts: int = 0
     max_attempts: int = 3
     worker_id: str | None = None
     # The transport's message id for the current dispatch (arq job id).
     transport_id: str | None = None
     cancel_requested: bool = False
-    error: dict[str, Any] | None = Field(default=None, sa_type=JSONB)  # type: ignore[call-overload]
-    result: dict[str, Any] | None = Field(default=None, sa_type=JSONB)  # type: ignore[call-overload]
+    error: dict[str, Any] | None = Field(default=None, sa_type=JSONB)
+    result: dict[str, Any] | None = Field(default=None, sa_type=JSONB)
     created_at: datetime = _created()
     updated_at: datetime = _created()
     scheduled_at: datetime | None = _when()
@@ -182,4 +180,3 @@ class Worker(SQLModel, table=True):
     started_at: datetime = _created()
     last_seen: datetime = _created()
     stopped_at: datetime | None = _when()
-

@@ -37,7 +37,7 @@ class Processes:
         self.running: list[subprocess.Popen[bytes]] = []
 
     def start(self, *args: str, name: str) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        log = open(self.logs / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", *args],
             cwd=ROOT,
@@ -70,9 +70,7 @@ class Processes:
 
 
 @pytest.fixture
-def processes(
-    settings: Settings, tiny_model_dir: Path, tmp_path: Path
-) -> Iterator[Processes]:
+def processes(settings: Settings, tiny_model_dir: Path, tmp_path: Path) -> Iterator[Processes]:
     procs = Processes(settings, tmp_path)
     yield procs
     procs.stop_all()

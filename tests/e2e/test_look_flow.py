@@ -39,9 +39,9 @@ async def _wait(
     auth: dict[str, str],
     job_id: str,
     until: Callable[[dict[str, Any]], bool],
-    timeout: float = 180,
+    within: float = 180,
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     job: dict[str, Any] = {}
     while time.monotonic() < deadline:
         job = (await client.get(f"/v1/jobs/{job_id}", headers=auth)).json()
@@ -143,7 +143,7 @@ async def test_redis_flush_loses_no_job(
     train = (
         await client.post(f"/v1/subjects/{subject_id}/train", headers=auth, json={"steps": 3})
     ).json()
-    await _wait(client, auth, train["id"], lambda j: j["status"] == "scheduled", timeout=30)
+    await _wait(client, auth, train["id"], lambda j: j["status"] == "scheduled", within=30)
     await redis.flushdb()  # everything the service had in Redis is gone
     processes.worker()
     done = await _wait(client, auth, train["id"], _finished)
@@ -165,7 +165,7 @@ async def test_cancel_stops_a_running_job(
     await _wait(client, auth, train["id"], lambda j: j["progress_detail"].get("step", 0) >= 1)
     response = await client.post(f"/v1/jobs/{train['id']}/cancel", headers=auth)
     assert response.status_code == 200 and response.json()["cancel_requested"]
-    done = await _wait(client, auth, train["id"], _finished, timeout=30)
+    done = await _wait(client, auth, train["id"], _finished, within=30)
     assert done["status"] == "canceled"
     assert done["progress_detail"]["step"] < 2000
     # Nothing was trained, so a generation must train first.
@@ -191,7 +191,7 @@ async def test_stopping_a_worker_hands_its_job_back(
     ).json()
     await _wait(client, auth, train["id"], lambda j: j["progress_detail"].get("step", 0) >= 2)
     leaving.send_signal(signal.SIGTERM)  # a deploy, not a crash
-    back = await _wait(client, auth, train["id"], lambda j: j["status"] != "running", timeout=30)
+    back = await _wait(client, auth, train["id"], lambda j: j["status"] != "running", within=30)
     # Handed back at once, well before the reaper's staleness limit, no attempt spent.
     assert back["status"] in ("queued", "scheduled") and back["attempts"] == 0, back
     processes.worker("next")

@@ -14,6 +14,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core.db.models import Subject, SubjectPhoto
 from core.settings import Settings
 from tests.conftest import photo_files
+from tests.unit.test_photos import png_declaring
 
 
 def _files_under(root: Path) -> list[Path]:
@@ -116,6 +117,11 @@ async def test_bad_uploads_are_refused_and_leave_nothing(
         ),
         "truncated": ([*good, ("photos", ("cut.jpg", truncated, "image/jpeg"))], 422, None),
         "gif": ([*good, ("photos", ("anim.gif", gif.getvalue(), "image/gif"))], 415, None),
+        "decompression bomb": (
+            [*good, ("photos", ("bomb.png", png_declaring(50_000, 50_000), "image/png"))],
+            413,
+            "photo-too-large",
+        ),
         "too large": (
             [*good, ("photos", ("huge.png", b"\0" * (settings.max_photo_bytes + 1), "image/png"))],
             413,

@@ -94,14 +94,18 @@ async def test_claim_is_exclusive_and_heartbeat_sees_cancel(sessions: Sessions) 
     assert first is not None and first.attempts == 1 and first.worker_id == "w1"
     assert second is None
     async with session_scope(sessions) as session:
-        beat = await jobs.heartbeat(session, job.id, "w1", stage="training", progress=0.5, detail={})
+        beat = await jobs.heartbeat(
+            session, job.id, "w1", stage="training", progress=0.5, detail={}
+        )
     assert beat is False
     async with session_scope(sessions) as session:
         await jobs.cancel_job(session, first.account_id, job.id)
     async with session_scope(sessions) as session:
         assert await jobs.heartbeat(session, job.id, "w1", stage="x", progress=0.5, detail={})
         # Another worker's heartbeat is refused: the job is not theirs.
-        assert await jobs.heartbeat(session, job.id, "w2", stage="x", progress=0.5, detail={}) is None
+        assert (
+            await jobs.heartbeat(session, job.id, "w2", stage="x", progress=0.5, detail={}) is None
+        )
 
 
 async def test_dependent_waits_for_its_prerequisite_and_fails_with_it(
@@ -115,7 +119,9 @@ async def test_dependent_waits_for_its_prerequisite_and_fails_with_it(
     async with session_scope(sessions) as session:
         await jobs.claim(session, train.id, "w1")
     async with session_scope(sessions) as session:
-        await jobs.give_up(session, train.id, "w1", {"code": "x", "detail": "boom"}, retryable=False)
+        await jobs.give_up(
+            session, train.id, "w1", {"code": "x", "detail": "boom"}, retryable=False
+        )
     await dispatcher.tick()
     failed = await _reload(sessions, gen.id)
     assert failed.status == JobStatus.failed
