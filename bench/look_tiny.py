@@ -47,6 +47,8 @@ from demo.__main__ import PHOTOS, Stack, _new_key, _wait_healthy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "a Harry Potter costume"
+# How often the client polls a job, as a web frontend would.
+POLL_S = 0.5
 
 
 def _between(start: str, end: str) -> float:
@@ -60,7 +62,7 @@ def _poll(http: httpx.Client, job_id: str) -> dict[str, Any]:
             if job["status"] != "succeeded":
                 raise SystemExit(f"job {job_id} {job['status']}: {job['error']}")
             return job
-        time.sleep(0.05)
+        time.sleep(POLL_S)
 
 
 def stack_look(http: httpx.Client, steps: int) -> dict[str, float]:

@@ -44,6 +44,11 @@ class JobResult:
     blob_keys: list[str] = field(default_factory=list)
 
 
+# Runs blocking model code off the event loop: asyncio.to_thread by default; the
+# GPU worker passes its main-thread runner (see worker/compute.py for why).
+Compute = Callable[..., Awaitable[Any]]
+
+
 @dataclass
 class JobContext:
     job: Job
@@ -53,6 +58,7 @@ class JobContext:
     progress: ProgressTracker
     # Set when the client canceled or the job was taken from us: stop at the next step.
     stop: threading.Event
+    compute: Compute = asyncio.to_thread
     # Blobs written so far, removed if the attempt does not end in success.
     written: list[str] = field(default_factory=list)
 
@@ -75,6 +81,7 @@ class Executor:
     store: BlobStore
     worker_id: str
     handlers: dict[JobKind, Handler]
+    compute: Compute = asyncio.to_thread
 
     async def execute(self, job_id: uuid.UUID) -> JobStatus | None:
         """Run one attempt of the job; returns its status after, None if skipped."""
@@ -84,7 +91,13 @@ class Executor:
             log.info("job %s is not scheduled any more: skipped", job_id)
             return None
         ctx = JobContext(
-            job, self.settings, self.sessions, self.store, ProgressTracker(), threading.Event()
+            job,
+            self.settings,
+            self.sessions,
+            self.store,
+            ProgressTracker(),
+            threading.Event(),
+            self.compute,
         )
         taken = asyncio.Event()
         beat = asyncio.create_task(self._heartbeat(ctx, taken))

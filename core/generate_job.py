@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from core.db.models import Output
 from core.errors import Conflict
 from core.execution import JobContext, JobResult
@@ -28,7 +26,7 @@ async def run_generation(ctx: JobContext) -> JobResult:
     if lora_row is None:
         raise Conflict(f"subject {subject.id} has no LoRA for profile {profile.name}")
     lora = await ctx.store.get(lora_row.blob_key)
-    pipe = await asyncio.to_thread(resident_pipeline, ctx.settings, profile)
+    pipe = await ctx.compute(resident_pipeline, ctx.settings, profile)
     ctx.raise_if_stopped()
 
     params = GenerateParams(
@@ -42,7 +40,7 @@ async def run_generation(ctx: JobContext) -> JobResult:
         height=profile.resolution,
     )
     ctx.progress.stage("generating", start=_LOAD, weight=_GENERATE)
-    images = await asyncio.to_thread(
+    images = await ctx.compute(
         generate_images,
         pipe,
         lora,

@@ -32,3 +32,22 @@ def resident_pipeline(settings: Settings, profile: Profile) -> Any:
     model_path = settings.model_path if profile.name == settings.profile else None
     path = resolve_checkpoint(profile, settings.models_dir, model_path)
     return _resident.get(path, settings.device, settings.dtype)
+
+
+def warm_up(settings: Settings) -> None:
+    """Import the model stack and load the profile's pipeline before taking jobs.
+
+    Importing torch and diffusers holds the GIL for seconds; done inside a job it
+    would starve the heartbeat. A missing checkpoint is not fatal here: jobs fail
+    with the error that names it.
+    """
+    import logging
+
+    from core.errors import CheckpointMissing
+    from core.ml import generate, train  # noqa: F401  (imported for their import cost)
+    from core.ml.profiles import get_profile
+
+    try:
+        resident_pipeline(settings, get_profile(settings.profile))
+    except CheckpointMissing as exc:
+        logging.getLogger("atelier.worker").warning("%s", exc.detail)

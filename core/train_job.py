@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 
@@ -33,7 +32,7 @@ async def run_training(ctx: JobContext) -> JobResult:
     photos = [
         Image.open(io.BytesIO(await ctx.store.get(p.blob_key))).convert("RGB") for p in photo_rows
     ]
-    pipe = await asyncio.to_thread(resident_pipeline, ctx.settings, profile)
+    pipe = await ctx.compute(resident_pipeline, ctx.settings, profile)
     ctx.raise_if_stopped()
 
     params = TrainParams(
@@ -52,7 +51,7 @@ async def run_training(ctx: JobContext) -> JobResult:
         losses.append(loss)
         ctx.progress.step(step, total, loss=loss)
 
-    lora = await asyncio.to_thread(
+    lora = await ctx.compute(
         train_dreambooth_lora,
         pipe,
         photos,

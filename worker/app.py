@@ -17,7 +17,7 @@ from arq.worker import Worker, func
 
 from core.db.engine import make_engine, make_sessionmaker, session_scope
 from core.db.models import JobKind
-from core.execution import Executor
+from core.execution import Compute, Executor
 from core.generate_job import run_generation
 from core.settings import Settings
 from core.storage import blob_store_from_settings
@@ -51,7 +51,14 @@ async def _liveness(settings: Settings, ctx: dict[str, Any]) -> None:
             log.warning("worker heartbeat failed", exc_info=True)
 
 
-def build_worker(settings: Settings, device: Device, *, burst: bool = False) -> Worker:
+def build_worker(
+    settings: Settings,
+    device: Device,
+    *,
+    compute: Compute = asyncio.to_thread,
+    burst: bool = False,
+    handle_signals: bool = True,
+) -> Worker:
     worker_id = new_worker_id(device.name)
 
     async def startup(ctx: dict[str, Any]) -> None:
@@ -64,6 +71,7 @@ def build_worker(settings: Settings, device: Device, *, burst: bool = False) -> 
             store=blob_store_from_settings(settings),
             worker_id=worker_id,
             handlers={JobKind.train: run_training, JobKind.generate: run_generation},
+            compute=compute,
         )
         async with session_scope(sessions) as session:
             await register_worker(
@@ -100,5 +108,5 @@ def build_worker(settings: Settings, device: Device, *, burst: bool = False) -> 
         keep_result=0,
         max_tries=1,
         burst=burst,
-        handle_signals=True,
+        handle_signals=handle_signals,
     )
