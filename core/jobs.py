@@ -16,12 +16,11 @@ import base64
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, func, or_, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import aliased
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -147,14 +146,12 @@ async def cancel_job(session: AsyncSession, account_id: uuid.UUID, job_id: uuid.
         job.cancel_requested = True
         job.updated_at = utcnow()
     else:
-        _finish(job, JobStatus.canceled, stage="canceled")
+        finish(job, JobStatus.canceled, stage="canceled")
     await session.flush()
     return job
 
 
-def _finish(
-    job: Job, status: JobStatus, *, stage: str, error: dict[str, Any] | None = None
-) -> None:
+def finish(job: Job, status: JobStatus, *, stage: str, error: dict[str, Any] | None = None) -> None:
     job.status = status.value  # type: ignore[assignment]
     job.stage = stage
     job.error = error
@@ -162,106 +159,16 @@ def _finish(
     JOBS_FINISHED.labels(kind=JobKind(job.kind).value, outcome=status.value).inc()
 
 
-# --- scheduler side -----------------------------------------------------------------
-
-
-async def fail_blocked_dependents(session: AsyncSession) -> int:
-    """Queued jobs whose prerequisite failed or was canceled can never run: fail them."""
-    parent = aliased(Job)
-    rows = (
-        await session.exec(
-            select(Job, col(parent.status))
-            .join(parent, col(Job.depends_on) == col(parent.id))
-            .where(
-                col(Job.status) == JobStatus.queued.value,
-                col(parent.status).in_([JobStatus.failed.value, JobStatus.canceled.value]),
-            )
-            .with_for_update(of=Job, skip_locked=True)
-        )
-    ).all()
-    for job, parent_status in rows:
-        _finish(
-            job,
-            JobStatus.failed,
-            stage="failed",
-            error={
-                "code": "dependency-failed",
-                "detail": f"job {job.depends_on} it waited for was {parent_status}",
-            },
-        )
-    return len(rows)
-
-
-async def take_dispatchable(session: AsyncSession, limit: int) -> list[Job]:
-    """Mark up to ``limit`` runnable queued jobs ``scheduled`` and return them.
-
-    Runnable: no prerequisite, or one that succeeded. SKIP LOCKED lets several
-    schedulers run without handing out a job twice.
-    """
-    parent = aliased(Job)
-    query = (
-        select(Job)
-        .outerjoin(parent, col(Job.depends_on) == col(parent.id))
-        .where(
-            col(Job.status) == JobStatus.queued.value,
-            or_(col(Job.depends_on).is_(None), col(parent.status) == JobStatus.succeeded.value),
-        )
-        .order_by(col(Job.priority).desc(), col(Job.created_at))
-        .limit(limit)
-        .with_for_update(of=Job, skip_locked=True)
-    )
-    jobs = list((await session.exec(query)).all())
-    for job in jobs:
-        job.status = JobStatus.scheduled.value  # type: ignore[assignment]
-        job.stage = "scheduled"
-        job.scheduled_at = job.updated_at = utcnow()
-    await session.flush()
-    return jobs
-
-
-async def scheduled_unclaimed(session: AsyncSession, older_than: timedelta) -> list[Job]:
-    """Scheduled jobs nobody claimed for a while: their transport message may be lost."""
-    query = select(Job).where(
-        col(Job.status) == JobStatus.scheduled.value,
-        col(Job.scheduled_at) < _now() - older_than,
-    )
-    return list((await session.exec(query)).all())
-
-
-@dataclass(frozen=True)
-class Reaped:
-    job_id: uuid.UUID
-    worker_id: str | None
-    outcome: JobStatus  # queued again, failed (no attempts left) or canceled
-
-
-async def reap_orphans(session: AsyncSession, stale_after: timedelta) -> list[Reaped]:
-    """Running jobs whose worker stopped heartbeating go back to the queue (or fail)."""
-    query = (
-        select(Job)
-        .where(
-            col(Job.status) == JobStatus.running.value,
-            col(Job.heartbeat_at) < _now() - stale_after,
-        )
-        .with_for_update(skip_locked=True)
-    )
-    reaped = []
-    for job in (await session.exec(query)).all():
-        lost = {"code": "worker-lost", "detail": f"worker {job.worker_id} stopped heartbeating"}
-        reaped.append(Reaped(job.id, job.worker_id, _retry_or_fail(job, lost)))
-    await session.flush()
-    return reaped
-
-
-def _retry_or_fail(job: Job, error: dict[str, Any]) -> JobStatus:
+def retry_or_fail(job: Job, error: dict[str, Any]) -> JobStatus:
+    """Back to the queue while attempts remain, else failed; canceled if asked."""
     if job.cancel_requested:
-        _finish(job, JobStatus.canceled, stage="canceled")
+        finish(job, JobStatus.canceled, stage="canceled")
     elif job.attempts >= job.max_attempts:
         error = {
             **error,
             "detail": f"{error['detail']} (attempt {job.attempts} of {job.max_attempts})",
         }
-        _finish(job, JobStatus.failed, stage="failed", error=error)
+        finish(job, JobStatus.failed, stage="failed", error=error)
     else:
         job.status = JobStatus.queued.value  # type: ignore[assignment]
         job.stage = "retrying"
@@ -345,7 +252,7 @@ async def complete(
     job.error = None
     job.progress = 1.0
     job.progress_detail = {}
-    _finish(job, JobStatus.succeeded, stage="done")
+    finish(job, JobStatus.succeeded, stage="done")
     await session.flush()
     return True
 
@@ -363,9 +270,9 @@ async def give_up(
     if job is None:
         return None
     if retryable:
-        outcome = _retry_or_fail(job, error)
+        outcome = retry_or_fail(job, error)
     else:
-        _finish(job, JobStatus.failed, stage="failed", error=error)
+        finish(job, JobStatus.failed, stage="failed", error=error)
         outcome = JobStatus.failed
     await session.flush()
     return outcome
@@ -389,7 +296,7 @@ async def acknowledge_cancel(session: AsyncSession, job_id: uuid.UUID, worker_id
     job = await _owned_job(session, job_id, worker_id)
     if job is None:
         return False
-    _finish(job, JobStatus.canceled, stage="canceled")
+    finish(job, JobStatus.canceled, stage="canceled")
     await session.flush()
     return True
 
@@ -408,20 +315,3 @@ async def active_job_for_subject(
         .limit(1)
     )
     return (await session.exec(query)).one_or_none()
-
-
-async def replace_transport_id(
-    session: AsyncSession, job_id: uuid.UUID, old: str | None, new: str
-) -> bool:
-    """Point a still-scheduled job at a new message; False if it moved on meanwhile."""
-    stmt = (
-        update(Job)
-        .where(
-            col(Job.id) == job_id,
-            col(Job.status) == JobStatus.scheduled.value,
-            col(Job.transport_id) == old,
-        )
-        .values(transport_id=new, scheduled_at=_now(), updated_at=_now())
-        .returning(col(Job.id))
-    )
-    return (await session.execute(stmt)).scalar_one_or_none() is not None

@@ -19,7 +19,7 @@ from arq.connections import ArqRedis
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core import jobs
+from core import dispatch
 from core.db.engine import session_scope
 from core.metrics import JOBS_DISPATCHED, JOBS_REAPED, JOBS_REENQUEUED
 from core.settings import Settings
@@ -39,7 +39,7 @@ class Dispatcher:
 
     async def tick(self) -> None:
         async with session_scope(self.sessions) as session:
-            if failed := await jobs.fail_blocked_dependents(session):
+            if failed := await dispatch.fail_blocked_dependents(session):
                 log.info("failed %d jobs whose prerequisite failed", failed)
         await self.dispatch()
         await self.reap()
@@ -47,7 +47,7 @@ class Dispatcher:
 
     async def dispatch(self) -> int:
         async with session_scope(self.sessions) as session:
-            taken = await jobs.take_dispatchable(session, DISPATCH_BATCH)
+            taken = await dispatch.take_dispatchable(session, DISPATCH_BATCH)
             for job in taken:
                 job.transport_id = new_message_id(job.id)
         # Sent after the commit: if we crash in between, reconcile() re-sends.
@@ -61,7 +61,7 @@ class Dispatcher:
     async def reap(self) -> None:
         stale = timedelta(seconds=self.settings.heartbeat_stale_s)
         async with session_scope(self.sessions) as session:
-            reaped = await jobs.reap_orphans(session, stale)
+            reaped = await dispatch.reap_orphans(session, stale)
         for r in reaped:
             JOBS_REAPED.labels(outcome=r.outcome.value).inc()
             log.warning("job %s: worker %s lost, job %s", r.job_id, r.worker_id, r.outcome.value)
@@ -69,13 +69,15 @@ class Dispatcher:
     async def reconcile(self) -> None:
         grace = timedelta(seconds=self.settings.reconcile_grace_s)
         async with session_scope(self.sessions) as session:
-            waiting = await jobs.scheduled_unclaimed(session, grace)
+            waiting = await dispatch.scheduled_unclaimed(session, grace)
         for job in waiting:
             if job.transport_id and await message_alive(self.redis, job.transport_id):
                 continue  # still queued for a worker: just no free worker yet
             new_id = new_message_id(job.id)
             async with session_scope(self.sessions) as session:
-                if not await jobs.replace_transport_id(session, job.id, job.transport_id, new_id):
+                if not await dispatch.replace_transport_id(
+                    session, job.id, job.transport_id, new_id
+                ):
                     continue
             await send(self.redis, job.id, new_id)
             JOBS_REENQUEUED.inc()

@@ -12,7 +12,7 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core import jobs
+from core import dispatch, jobs
 from core.db.engine import session_scope
 from core.db.models import Account, Job, JobKind, JobStatus, Subject
 from core.settings import Settings
@@ -86,7 +86,7 @@ async def test_dispatch_sends_one_message_per_job(
 async def test_claim_is_exclusive_and_heartbeat_sees_cancel(sessions: Sessions) -> None:
     job = await _job(sessions)
     async with session_scope(sessions) as session:
-        await jobs.take_dispatchable(session, 10)
+        await dispatch.take_dispatchable(session, 10)
     async with session_scope(sessions) as session:
         first = await jobs.claim(session, job.id, "w1")
     async with session_scope(sessions) as session:
