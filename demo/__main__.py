@@ -59,9 +59,12 @@ class Stack:
         for name, args in commands.items():
             log = open(LOG_DIR / f"{name}.log", "ab")
             cmd = [sys.executable, "-m", *args]
-            self.children.append(
-                subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            # A session of their own: Ctrl-C reaches only this process, which then
+            # stops the children in order instead of racing them.
+            child = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+            self.children.append(child)
             print(f"started {name:<9} {' '.join(args)}  (log: var/log/{name}.log)")
 
     def check(self) -> None:
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = get_settings()
     base_url = f"http://127.0.0.1:{args.port}"
+    # SIGTERM (a supervisor, `kill`) stops the stack as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     stack = Stack(args.port)
     stack.start()
     try:
