@@ -10,7 +10,7 @@ without loading torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from core.errors import InvalidInput
 
@@ -34,52 +34,38 @@ class Profile:
     hub_id: str | None  # Hugging Face repository; None when built locally
 
 
-PROFILES: dict[str, Profile] = {
-    profile.name: profile
-    for profile in (
-        # Random weights built on this host by `python -m core.ml.tiny`: fast enough
-        # for tests and CPU-only development, its images are noise by design.
-        Profile(
-            name="tiny",
-            family="sd1",
-            resolution=64,
-            train_steps=40,
-            learning_rate=1e-3,
-            lora_rank=4,
-            lora_alpha=4,
-            lora_target_modules=SD1_ATTENTION_MODULES,
-            inference_steps=15,
-            guidance_scale=5.0,
-            hub_id=None,
-        ),
-        Profile(
-            name="sd15",
-            family="sd1",
-            resolution=512,
-            train_steps=500,
-            learning_rate=1e-4,
-            lora_rank=8,
-            lora_alpha=8,
-            lora_target_modules=SD1_ATTENTION_MODULES,
-            inference_steps=30,
-            guidance_scale=7.5,
-            hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        ),
-        Profile(
-            name="sd14",
-            family="sd1",
-            resolution=512,
-            train_steps=500,
-            learning_rate=1e-4,
-            lora_rank=8,
-            lora_alpha=8,
-            lora_target_modules=SD1_ATTENTION_MODULES,
-            inference_steps=30,
-            guidance_scale=7.5,
-            hub_id="CompVis/stable-diffusion-v1-4",
-        ),
-    )
-}
+TINY = Profile(
+    # Random weights built on this host by `python -m core.ml.tiny`: fast enough
+    # for tests and CPU-only development, its images are noise by design.
+    name="tiny",
+    family="sd1",
+    resolution=64,
+    train_steps=40,
+    learning_rate=1e-3,
+    lora_rank=4,
+    lora_alpha=4,
+    lora_target_modules=SD1_ATTENTION_MODULES,
+    inference_steps=15,
+    guidance_scale=5.0,
+    hub_id=None,
+)
+SD15 = Profile(
+    name="sd15",
+    family="sd1",
+    resolution=512,
+    train_steps=500,
+    learning_rate=1e-4,
+    lora_rank=8,
+    lora_alpha=8,
+    lora_target_modules=SD1_ATTENTION_MODULES,
+    inference_steps=30,
+    guidance_scale=7.5,
+    hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+)
+# SD v1.4 shares v1.5's architecture and recipe; only the weights differ.
+SD14 = replace(SD15, name="sd14", hub_id="CompVis/stable-diffusion-v1-4")
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (TINY, SD15, SD14)}
 
 
 def get_profile(name: str) -> Profile:

@@ -34,6 +34,16 @@ async def _subject(client: AsyncClient, auth: dict[str, str], photos: list) -> s
     return str(response.json()["id"])
 
 
+async def _train(
+    client: AsyncClient, auth: dict[str, str], subject_id: str, steps: int
+) -> dict[str, Any]:
+    response = await client.post(
+        f"/v1/subjects/{subject_id}/train", headers=auth, json={"steps": steps}
+    )
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
 async def _wait(
     client: AsyncClient,
     auth: dict[str, str],
@@ -112,9 +122,7 @@ async def test_worker_killed_mid_training_is_retried(
     processes.scheduler()
     victim = processes.worker("victim")
     subject_id = await _subject(client, auth, sample_photos)
-    train = (
-        await client.post(f"/v1/subjects/{subject_id}/train", headers=auth, json={"steps": 60})
-    ).json()
+    train = await _train(client, auth, subject_id, steps=60)
     running = await _wait(
         client, auth, train["id"], lambda j: j["progress_detail"].get("step", 0) >= 2
     )
@@ -140,9 +148,7 @@ async def test_redis_flush_loses_no_job(
 ) -> None:
     processes.scheduler()  # no worker yet: jobs wait in Redis
     subject_id = await _subject(client, auth, sample_photos)
-    train = (
-        await client.post(f"/v1/subjects/{subject_id}/train", headers=auth, json={"steps": 3})
-    ).json()
+    train = await _train(client, auth, subject_id, steps=3)
     await _wait(client, auth, train["id"], lambda j: j["status"] == "scheduled", within=30)
     await redis.flushdb()  # everything the service had in Redis is gone
     processes.worker()
@@ -159,9 +165,7 @@ async def test_cancel_stops_a_running_job(
     stack: int,
 ) -> None:
     subject_id = await _subject(client, auth, sample_photos)
-    train = (
-        await client.post(f"/v1/subjects/{subject_id}/train", headers=auth, json={"steps": 2000})
-    ).json()
+    train = await _train(client, auth, subject_id, steps=2000)
     await _wait(client, auth, train["id"], lambda j: j["progress_detail"].get("step", 0) >= 1)
     response = await client.post(f"/v1/jobs/{train['id']}/cancel", headers=auth)
     assert response.status_code == 200 and response.json()["cancel_requested"]
@@ -186,9 +190,7 @@ async def test_stopping_a_worker_hands_its_job_back(
     processes.scheduler()
     leaving = processes.worker("leaving")
     subject_id = await _subject(client, auth, sample_photos)
-    train = (
-        await client.post(f"/v1/subjects/{subject_id}/train", headers=auth, json={"steps": 60})
-    ).json()
+    train = await _train(client, auth, subject_id, steps=60)
     await _wait(client, auth, train["id"], lambda j: j["progress_detail"].get("step", 0) >= 2)
     leaving.send_signal(signal.SIGTERM)  # a deploy, not a crash
     back = await _wait(client, auth, train["id"], lambda j: j["status"] != "running", within=30)
