@@ -4,7 +4,8 @@ Each tick:
 1. fails queued jobs whose prerequisite failed (they can never run);
 2. marks runnable queued jobs ``scheduled`` and sends them to the GPU queue;
 3. requeues running jobs whose worker stopped heartbeating (the reaper);
-4. re-sends scheduled jobs whose message vanished (Redis flushed or restarted).
+4. re-sends scheduled jobs whose message vanished (Redis flushed or restarted) or
+   was taken by a worker that died before claiming the job.
 Every step is safe to run from several schedulers at once.
 """
 
@@ -23,7 +24,7 @@ from core import dispatch
 from core.db.engine import session_scope
 from core.metrics import JOBS_DISPATCHED, JOBS_REAPED, JOBS_REENQUEUED
 from core.settings import Settings
-from worker.queues import message_alive, new_message_id, send
+from worker.queues import message_waiting, new_message_id, send
 
 log = logging.getLogger("atelier.scheduler")
 
@@ -71,8 +72,8 @@ class Dispatcher:
         async with session_scope(self.sessions) as session:
             waiting = await dispatch.scheduled_unclaimed(session, grace)
         for job in waiting:
-            if job.transport_id and await message_alive(self.redis, job.transport_id):
-                continue  # still queued for a worker: just no free worker yet
+            if job.transport_id and await message_waiting(self.redis, job.transport_id):
+                continue  # still queued: no worker is free yet
             new_id = new_message_id(job.id)
             async with session_scope(self.sessions) as session:
                 if not await dispatch.replace_transport_id(

@@ -40,7 +40,12 @@ async def send(redis: ArqRedis, job_id: uuid.UUID, message_id: str, queue: str =
     return sent is not None
 
 
-async def message_alive(redis: ArqRedis, message_id: str, queue: str = GPU_QUEUE) -> bool:
-    """Whether arq still holds the message (queued, deferred or in progress)."""
+async def message_waiting(redis: ArqRedis, message_id: str, queue: str = GPU_QUEUE) -> bool:
+    """Whether the message still waits in the queue for a worker to take it.
+
+    A message a worker has taken ("in progress") does not count: a worker claims
+    its job in Postgres right after taking it, so a job still unclaimed long after
+    its message was taken belongs to a worker that died in between.
+    """
     status = await ArqJob(message_id, redis, _queue_name=queue).status()
-    return status in (ArqStatus.queued, ArqStatus.deferred, ArqStatus.in_progress)
+    return status in (ArqStatus.queued, ArqStatus.deferred)

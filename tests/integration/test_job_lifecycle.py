@@ -7,6 +7,7 @@ import uuid
 from datetime import timedelta
 
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -17,7 +18,7 @@ from core.db.engine import session_scope
 from core.db.models import Account, Job, JobKind, JobStatus, Subject
 from core.settings import Settings
 from scheduler.dispatcher import Dispatcher
-from worker.queues import GPU_QUEUE, connect, message_alive
+from worker.queues import GPU_QUEUE, connect, message_waiting
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -78,7 +79,7 @@ async def test_dispatch_sends_one_message_per_job(
     assert await dispatcher.dispatch() == 0  # nothing is handed out twice
     scheduled = await _reload(sessions, job.id)
     assert scheduled.status == JobStatus.scheduled
-    assert scheduled.transport_id and await message_alive(arq, scheduled.transport_id)
+    assert scheduled.transport_id and await message_waiting(arq, scheduled.transport_id)
     assert await redis.zcard(GPU_QUEUE) == 1
     await arq.aclose()
 
@@ -183,7 +184,7 @@ async def test_reconcile_resends_messages_lost_in_a_redis_flush(
     after = await _reload(sessions, job.id)
     assert after.status == JobStatus.scheduled
     assert after.transport_id and after.transport_id != before
-    assert await message_alive(arq, after.transport_id)
+    assert await message_waiting(arq, after.transport_id)
     await arq.aclose()
 
 
@@ -199,4 +200,23 @@ async def test_scheduler_loop_survives_and_dispatches(
         await asyncio.sleep(0.1)
     loop.cancel()
     assert (await _reload(sessions, job.id)).status == JobStatus.scheduled
+    await arq.aclose()
+
+
+async def test_reconcile_resends_a_message_taken_by_a_worker_that_died_before_claiming(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    job = await _job(sessions)
+    dispatcher, arq = await _dispatcher(settings, sessions)
+    await dispatcher.dispatch()
+    taken = (await _reload(sessions, job.id)).transport_id
+    assert taken
+    # What arq leaves behind when a worker takes a message and dies at once.
+    await redis.zrem(GPU_QUEUE, taken)
+    await redis.set(in_progress_key_prefix + taken, b"1")
+    await _age(sessions, job.id, scheduled_at=timedelta(seconds=settings.reconcile_grace_s + 1))
+    await dispatcher.reconcile()
+    after = await _reload(sessions, job.id)
+    assert after.transport_id != taken and after.transport_id
+    assert await message_waiting(arq, after.transport_id)
     await arq.aclose()
