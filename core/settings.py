@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     min_photo_side: int = 64
     # Stored photos are normalized so their longer side is at most this.
     stored_photo_side: int = 1024
+    # Each photo must show exactly one face whose box's side is at least this
+    # fraction of the photo's shorter side.
+    min_face_fraction: float = Field(0.1, gt=0, le=1)
+    # The training crop is a square around the face, this many face-box sides wide.
+    face_crop_scale: float = Field(3.0, ge=1)
     max_prompt_chars: int = 500
     max_images: int = 8
     max_train_steps: int = 5000
