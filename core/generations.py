@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -18,11 +18,25 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core import jobs
 from core.db.models import Job, JobKind, Output
 from core.errors import InvalidInput
+from core.ml.profiles import get_profile
 from core.settings import Settings
 from core.subjects import get_subject, latest_lora
 
 # Seeds are recorded per image as seed + i; keep them in a range every generator takes.
 MAX_SEED = 2**31 - 1
+
+# Samplers a client may pick (core.ml.generate.SCHEDULERS maps them to diffusers
+# classes; kept here too so the API validates them without importing torch).
+SchedulerName = Literal["dpmpp_2m", "euler_a", "ddim", "pndm"]
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
+DEFAULT_SCHEDULER: SchedulerName = "dpmpp_2m"
+# Image sides: SD 1.x latents are 1/8 of the image, so multiples of 8. The bounds
+# are module constants until settings grow ATELIER_MIN_SIDE / ATELIER_MAX_SIDE:
+# below 64 px nothing recognisable comes out; 1024 px, twice SD 1.5's training
+# side, caps a request's cost at 4x the pixels and memory of 512 px.
+SIDE_MULTIPLE = 8
+MIN_SIDE = 64
+MAX_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,31 @@ class GenerationRequest:
     negative_prompt: str = ""
     steps: int | None = None
     guidance_scale: float | None = None
+    width: int | None = None  # None: the profile's resolution
+    height: int | None = None
+    scheduler: str | None = None  # None: DEFAULT_SCHEDULER
+
+
+def check_side(value: int, field: str) -> int:
+    if not MIN_SIDE <= value <= MAX_SIDE:
+        raise InvalidInput(
+            f"{field} must be {MIN_SIDE}-{MAX_SIDE} pixels (got {value})", field=field
+        )
+    if value % SIDE_MULTIPLE:
+        raise InvalidInput(
+            f"{field} must be a multiple of {SIDE_MULTIPLE} pixels (got {value})", field=field
+        )
+    return value
+
+
+def check_scheduler(name: str | None) -> str:
+    if name is None:
+        return DEFAULT_SCHEDULER
+    if name not in SCHEDULERS:
+        raise InvalidInput(
+            f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}", field="scheduler"
+        )
+    return name
 
 
 def check_prompt(prompt: str, settings: Settings, field: str = "prompt") -> str:
@@ -96,6 +135,10 @@ async def request_generation(
     seed = request.seed if request.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4]) >> 1
     if not 0 <= seed <= MAX_SEED - settings.max_images:
         raise InvalidInput(f"seed must be 0-{MAX_SEED - settings.max_images}", field="seed")
+    resolution = get_profile(settings.profile).resolution
+    width = check_side(request.width if request.width is not None else resolution, "width")
+    height = check_side(request.height if request.height is not None else resolution, "height")
+    scheduler = check_scheduler(request.scheduler)
 
     depends_on = None
     if await latest_lora(session, subject.id, settings.profile) is None:
@@ -118,6 +161,9 @@ async def request_generation(
         "seed": seed,
         "steps": request.steps,
         "guidance_scale": request.guidance_scale,
+        "width": width,
+        "height": height,
+        "scheduler": scheduler,
     }
     job = await jobs.create_job(
         session,

@@ -1,8 +1,10 @@
-"""The worker's resident models: one base pipeline per profile, loaded once."""
+"""The worker's resident models: one base pipeline per profile, loaded once, and
+one LoRA cache per resident pipeline."""
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 from core.settings import Settings
@@ -11,6 +13,22 @@ if TYPE_CHECKING:
     from core.ml.profiles import Profile
 
 _resident: Any = None
+_lora_caches: dict[int, Any] = {}
+_lora_caches_guard = threading.Lock()
+
+# LoRA cache sizing and torch.compile, module constants until core/settings.py
+# grows ATELIER_LORA_RESIDENT / ATELIER_LORA_HOST_MIB / ATELIER_COMPILE.
+# Resident adapters cost their weights in device memory (SD 1.5 rank 8 on the
+# attention projections: 6.4 MB in fp32) and make every later adapter load a
+# little slower (peft walks all adapters); switching among them costs ~0.2 ms.
+LORA_MAX_RESIDENT = 4
+# Parsed LoRAs kept in host RAM: 512 MiB is ~80 SD 1.5 rank-8 LoRAs.
+LORA_MAX_HOST_BYTES = 512 * 1024 * 1024
+# torch.compile the UNet and switch LoRAs by hotswapping them into one adapter
+# slot (load_lora_weights(..., hotswap=True): no recompilation per user). Off:
+# compiling costs minutes at the first generation and pays off on GPUs; see
+# core/ml/lora_cache.py.
+COMPILE_UNET = False
 
 
 def offline_quiet_env() -> None:
@@ -32,6 +50,34 @@ def resident_pipeline(settings: Settings, profile: Profile) -> Any:
     model_path = settings.model_path if profile.name == settings.profile else None
     path = resolve_checkpoint(profile, settings.models_dir, model_path)
     return _resident.get(path, settings.device, settings.dtype)
+
+
+def resident_lora_cache(pipe: Any, profile: Profile) -> Any:
+    """The ``LoraCache`` of a resident pipeline (created on first use)."""
+    from core.ml.lora_cache import LoraCache
+
+    with _lora_caches_guard:
+        cache = _lora_caches.get(id(pipe))
+        if cache is None or cache.pipe is not pipe:
+            cache = LoraCache(
+                pipe,
+                max_resident=1 if COMPILE_UNET else LORA_MAX_RESIDENT,
+                max_host_bytes=LORA_MAX_HOST_BYTES,
+                compile=COMPILE_UNET,
+                target_rank=profile.lora_rank,
+            )
+            _lora_caches[id(pipe)] = cache
+        return cache
+
+
+def forget_resident_loras(pipe: Any) -> None:
+    """For the training path: the pipeline's adapters are about to be wiped (training
+    ends with ``unload_lora_weights``). Call with the pipeline held, or before
+    training on the worker's single model thread."""
+    with _lora_caches_guard:
+        cache = _lora_caches.get(id(pipe))
+    if cache is not None and cache.pipe is pipe:
+        cache.forget_resident()
 
 
 def warm_up(settings: Settings) -> None:

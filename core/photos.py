@@ -12,20 +12,28 @@ carried an ICC profile has its colours converted to sRGB before the profile goes
 Animated or multi-frame images (APNG, animated WebP, MPO) are accepted and only
 their first frame is used: a phone's "live" or stereo photo is still a photo of
 the subject, and rejecting it would only confuse the user.
+
+Only a photo that passed every one of those checks is looked at for faces (see
+``core.faces``): it must show exactly one face large enough to train on, and a
+square crop around that face becomes the picture training uses. Refusals about
+faces carry a ``reason`` in ``extra`` ("no-face", "several-faces",
+"face-too-small") so a client can tell the user what to change.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 from core.errors import InvalidInput, PhotoRejected, PhotoTooLarge, PhotoUnsupported
+from core.faces import FaceBox, detect_faces, training_crop
 from core.settings import Settings
 
 ALLOWED_FORMATS: Final = frozenset({"JPEG", "PNG", "WEBP"})
@@ -50,6 +58,10 @@ _WHITE: Final = (255, 255, 255, 255)
 # 16-bit greyscale PNGs decode to "I;16" mode; this maps 0..65535 onto 0..255.
 _SIXTEEN_TO_EIGHT_BITS: Final = 1 / 256
 _SRGB: Final = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+# Faces down to this share of the minimum face size are still looked for, so a
+# user whose face is a little too small is told so rather than "no face found".
+# Smaller ones are not searched: that is where the cascade's false alarms are.
+_SMALL_FACE_SEARCH: Final = 0.5
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,8 @@ class PhotoLimits:
     max_pixels: int
     min_side: int
     stored_side: int
+    min_face_fraction: float
+    face_crop_scale: float
 
     @classmethod
     def from_settings(cls, s: Settings) -> PhotoLimits:
@@ -70,16 +84,34 @@ class PhotoLimits:
             max_pixels=s.max_photo_pixels,
             min_side=s.min_photo_side,
             stored_side=s.stored_photo_side,
+            min_face_fraction=s.min_face_fraction,
+            face_crop_scale=s.face_crop_scale,
         )
 
 
 @dataclass(frozen=True)
-class NormalizedPhoto:
+class CleanPhoto:
+    """A photo that passed the format and size checks: upright, sRGB, bounded."""
+
     data: bytes  # PNG, RGB, no metadata chunks
     width: int
     height: int
     sha256: str  # hex digest of ``data``
     source_format: str  # one of ALLOWED_FORMATS
+    image: Image.Image = field(repr=False, compare=False)  # the pixels of ``data``
+
+
+@dataclass(frozen=True)
+class NormalizedPhoto:
+    """What is stored of an accepted photo."""
+
+    data: bytes  # PNG, RGB, no metadata chunks
+    width: int
+    height: int
+    sha256: str  # hex digest of ``data``
+    source_format: str  # one of ALLOWED_FORMATS
+    face: FaceBox  # the one face, in the pixels of ``data``
+    train_data: bytes  # PNG, RGB, no metadata: the square crop training uses
 
 
 def check_photo_count(n: int, limits: PhotoLimits) -> None:
@@ -90,11 +122,29 @@ def check_photo_count(n: int, limits: PhotoLimits) -> None:
 
 
 def normalize_photo(data: bytes, name: str, limits: PhotoLimits) -> NormalizedPhoto:
-    """Check one uploaded photo and return it as a clean, bounded PNG.
+    """Check one uploaded photo and return it as a clean, bounded PNG with its
+    face and training crop.
 
     Raises PhotoTooLarge, PhotoUnsupported or PhotoRejected (all PhotoRejected),
     each with ``photo=name`` in ``extra``. CPU-bound: call it off the event loop.
     """
+    clean = clean_photo(data, name, limits)
+    face = _the_face(clean.image, name, limits)
+    crop = training_crop(clean.image, face, limits.face_crop_scale)
+    return NormalizedPhoto(
+        data=clean.data,
+        width=clean.width,
+        height=clean.height,
+        sha256=clean.sha256,
+        source_format=clean.source_format,
+        face=face,
+        train_data=_encode_png(crop),
+    )
+
+
+def clean_photo(data: bytes, name: str, limits: PhotoLimits) -> CleanPhoto:
+    """The checks and normalization that come before looking for a face: every
+    size limit is enforced here, before a pixel is decoded."""
     _check_byte_size(data, name, limits)
     source_format = _sniff_format(data, name)
     with _open(data, source_format, name) as img:
@@ -104,13 +154,52 @@ def normalize_photo(data: bytes, name: str, limits: PhotoLimits) -> NormalizedPh
         rgb = _to_rgb(_upright(img))
     out = _downscale(rgb, limits.stored_side)
     png = _encode_png(out)
-    return NormalizedPhoto(
+    return CleanPhoto(
         data=png,
         width=out.width,
         height=out.height,
         sha256=hashlib.sha256(png).hexdigest(),
         source_format=source_format,
+        image=out,
     )
+
+
+def _the_face(img: Image.Image, name: str, limits: PhotoLimits) -> FaceBox:
+    """The one face large enough to train on, or PhotoRejected with a ``reason``.
+
+    Faces under the minimum are searched down to half of it; next to one large
+    enough they are ignored (a stranger far behind, or a false alarm on a
+    pattern) since the training crop frames the large one. Two or more faces
+    over the minimum mean a photo of several people.
+    """
+    min_face = math.ceil(limits.min_face_fraction * min(img.size))
+    faces = detect_faces(img, min_side=math.floor(min_face * _SMALL_FACE_SEARCH))
+    large = [f for f in faces if f.side >= min_face]
+    if not faces:
+        raise PhotoRejected(
+            f"no face found in {name}; upload photos where your face is clearly visible",
+            photo=name,
+            reason="no-face",
+        )
+    if len(large) > 1:
+        raise PhotoRejected(
+            f"{len(large)} faces in {name}; upload photos of one person",
+            photo=name,
+            reason="several-faces",
+            faces=len(large),
+        )
+    if not large:
+        biggest = faces[0].side
+        raise PhotoRejected(
+            f"the face in {name} is too small ({biggest} pixels wide in a "
+            f"{img.width}x{img.height} photo; at least {min_face} needed): "
+            "upload a closer photo",
+            photo=name,
+            reason="face-too-small",
+            face_side=biggest,
+            min_face_side=min_face,
+        )
+    return large[0]
 
 
 # --- checks before decoding ----------------------------------------------------

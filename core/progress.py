@@ -44,19 +44,28 @@ class ProgressTracker:
         self._weight = 0.0  # share of the whole job this stage is worth
         self._detail: dict[str, Any] = {}
         self._stage_started = clock()
+        self._first: tuple[int, float] | None = None
 
     def stage(self, name: str, *, start: float, weight: float) -> None:
         with self._lock:
             self._stage, self._base, self._weight = name, start, weight
             self._detail = {}
             self._stage_started = self._clock()
+            self._first = None
 
     def step(self, done: int, total: int, **detail: Any) -> None:
         with self._lock:
-            elapsed = self._clock() - self._stage_started
+            now = self._clock()
+            if self._first is None:
+                self._first = (done, now)
             info: dict[str, Any] = {"step": done, "total": total, **detail}
-            if done > 0 and total > 0:
-                info["eta_s"] = round(elapsed / done * (total - done), 1)
+            first_done, first_time = self._first
+            if done > first_done:
+                # Rate since the first report: right after a resume from a
+                # checkpoint too, where `done` did not start at 0.
+                info["eta_s"] = round((now - first_time) / (done - first_done) * (total - done), 1)
+            elif done > 0:
+                info["eta_s"] = round((now - self._stage_started) / done * (total - done), 1)
             self._detail = info
 
     def snapshot(self) -> Snapshot:

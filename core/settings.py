@@ -42,6 +42,14 @@ class Settings(BaseSettings):
     train_steps: int = Field(0, ge=0)
     # Threads torch may use in a worker (0 = torch's default).
     torch_threads: int = Field(0, ge=0)
+    # Training recipe overrides; None = the profile's value (core/ml/profiles.py).
+    # DreamBooth prior preservation on/off, its loss weight (lambda) and how many
+    # class images it trains against (generated once per profile and noun, cached).
+    prior_preservation: bool | None = None
+    prior_loss_weight: float | None = Field(None, ge=0)
+    class_images: int | None = Field(None, ge=1)
+    # Steps between resumable training checkpoints (0 = none).
+    checkpoint_every: int | None = Field(None, ge=0)
 
     # --- uploads and requests ---------------------------------------------------
     min_photos: int = 3

@@ -1,6 +1,7 @@
 """Subjects: one person's photo set, its rare-token identifier, and its erasure.
 
-Creation is all-or-nothing: photos are validated and normalized first, then
+Creation is all-or-nothing: photos are validated, normalized and checked for
+one face first, then each photo and its training crop around the face are
 written to the blob store, then the rows are committed; any failure removes the
 blobs already written. Everything a subject owns lives under one blob prefix.
 """
@@ -43,6 +44,11 @@ def subject_prefix(subject_id: uuid.UUID) -> str:
 
 def photo_key(subject_id: uuid.UUID, position: int) -> str:
     return f"{subject_prefix(subject_id)}photos/{position}.png"
+
+
+def train_photo_key(subject_id: uuid.UUID, position: int) -> str:
+    """The square crop around the face that training uses, next to its photo."""
+    return f"{subject_prefix(subject_id)}photos/{position}.train.png"
 
 
 def lora_key(subject_id: uuid.UUID, profile: str, job_id: uuid.UUID) -> str:
@@ -95,7 +101,9 @@ async def create_subject(
     try:
         for position, photo in enumerate(photos):
             key = photo_key(subject.id, position)
+            train_key = train_photo_key(subject.id, position)
             await store.put(key, photo.data)
+            await store.put(train_key, photo.train_data)
             session.add(
                 SubjectPhoto(
                     subject_id=subject.id,
@@ -104,6 +112,11 @@ async def create_subject(
                     width=photo.width,
                     height=photo.height,
                     sha256=photo.sha256,
+                    face_x=photo.face.x,
+                    face_y=photo.face.y,
+                    face_w=photo.face.w,
+                    face_h=photo.face.h,
+                    train_blob_key=train_key,
                 )
             )
         session.add(subject)

@@ -1,70 +1,285 @@
-"""The `train` job: the subject's photos in, a DreamBooth-LoRA in the blob store out."""
+"""The `train` job: the subject's photos in, a DreamBooth-LoRA in the blob store out.
+
+Besides the LoRA, training keeps two kinds of blobs:
+
+- **class images** for prior preservation, ``class_images/<profile>/<noun>/<i>.png``:
+  drawn by the base model from "a photo of a <noun>" the first time a profile
+  trains that noun, then shared by every later job. They hold nothing of any
+  user, so they live outside ``subjects/`` and survive subject erasure.
+- **checkpoints**, ``subjects/<subject>/checkpoints/<job>/latest``: a resumable
+  training state (``core.ml.train_state``) written every ``checkpoint_every``
+  steps, one atomic put each. A retried attempt of the job (worker killed,
+  handed back on SIGTERM, reaped) resumes from it and still ends at the same
+  total number of steps. It is deleted when the job succeeds or is canceled; a
+  job that fails for good leaves it until its subject is erased.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from core.db.models import Lora
+from core import ml_runtime
+from core.db.models import Job, Lora
+from core.errors import Canceled
 from core.execution import JobContext, JobResult
 from core.ml_runtime import resident_pipeline
-from core.subjects import get_subject, lora_key, subject_photos
+from core.storage import BlobNotFound, BlobStore
+from core.subjects import get_subject, lora_key, subject_photos, subject_prefix
+
+if TYPE_CHECKING:
+    from core.ml.profiles import Profile
+    from core.ml.train import PriorPreservation, TrainParams
+    from core.ml.train_state import TrainState
+    from core.settings import Settings
+
+log = logging.getLogger("atelier.jobs.train")
 
 # Share of the job's progress each stage is worth.
-_LOAD, _TRAIN = 0.05, 0.90
+_LOAD, _CLASS, _TRAIN = 0.05, 0.10, 0.80
+# How long the training thread waits for a checkpoint write before going on without it.
+CHECKPOINT_WRITE_TIMEOUT_S = 60.0
+
+
+def class_image_key(profile: str, class_noun: str, index: int) -> str:
+    return f"class_images/{profile}/{class_noun.replace(' ', '-')}/{index}.png"
+
+
+def checkpoint_prefix(subject_id: uuid.UUID, job_id: uuid.UUID) -> str:
+    return f"{subject_prefix(subject_id)}checkpoints/{job_id}"
+
+
+def checkpoint_key(subject_id: uuid.UUID, job_id: uuid.UUID) -> str:
+    return f"{checkpoint_prefix(subject_id, job_id)}/latest"
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """A job's training recipe: the profile's, with the settings' overrides."""
+
+    params: TrainParams
+    class_images: int  # 0 = no prior preservation
+    checkpoint_every: int  # 0 = no checkpoints
+
+
+def plan_training(profile: Profile, settings: Settings, steps: int, seed: int) -> TrainPlan:
+    from core.ml.train import TrainParams
+
+    def pick(override: Any, default: Any) -> Any:
+        return default if override is None else override
+
+    params = TrainParams.from_profile(profile, steps=steps, seed=seed)
+    weight = pick(settings.prior_loss_weight, profile.prior_loss_weight)
+    prior = pick(settings.prior_preservation, profile.prior_preservation)
+    return TrainPlan(
+        params=replace(params, prior_loss_weight=weight),
+        class_images=pick(settings.class_images, profile.class_images) if prior else 0,
+        checkpoint_every=pick(settings.checkpoint_every, profile.checkpoint_every),
+    )
+
+
+async def cached_class_images(
+    store: BlobStore,
+    profile: str,
+    class_noun: str,
+    count: int,
+    make: Callable[[int], Awaitable[bytes]],
+    on_made: Callable[[int, int], None] = lambda _done, _total: None,
+) -> list[bytes]:
+    """Class images 0..count-1 of ``class_noun`` from the blob store, making (and
+    storing) only the missing ones. ``make(i)`` returns image i's PNG; it is
+    deterministic, so two workers filling the same gap store the same bytes."""
+    found: dict[int, bytes] = {}
+    for index in range(count):
+        try:
+            found[index] = await store.get(class_image_key(profile, class_noun, index))
+        except BlobNotFound:
+            pass
+    missing = [index for index in range(count) if index not in found]
+    for done, index in enumerate(missing, start=1):
+        found[index] = await make(index)
+        # Stored one by one: a worker that dies midway keeps what it made.
+        await store.put(class_image_key(profile, class_noun, index), found[index])
+        on_made(done, len(missing))
+    return [found[index] for index in range(count)]
+
+
+async def _class_images(
+    ctx: JobContext, pipe: Any, profile: Profile, class_noun: str, count: int
+) -> PriorPreservation:
+    from core.ml.class_images import class_prompt, generate_class_images
+    from core.ml.train import PriorPreservation
+
+    async def make(index: int) -> bytes:
+        ctx.raise_if_stopped()
+        pngs = await ctx.compute(
+            generate_class_images, pipe, profile, class_noun, [index], ctx.stop.is_set
+        )
+        return pngs[0]
+
+    ctx.progress.stage("preparing class images", start=_LOAD, weight=_CLASS)
+    pngs = await cached_class_images(
+        ctx.store, profile.name, class_noun, count, make, lambda d, t: ctx.progress.step(d, t)
+    )
+    images = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
+    return PriorPreservation(images, class_prompt(class_noun))
+
+
+async def _checkpoint_to_resume(ctx: JobContext, key: str, expected: str) -> TrainState | None:
+    """The job's last checkpoint when it belongs to this very run, else None."""
+    from core.ml.train_state import TrainState
+
+    try:
+        data = await ctx.store.get(key)
+    except BlobNotFound:
+        return None
+    try:
+        state = await asyncio.to_thread(TrainState.from_bytes, data)
+    except ValueError as error:
+        log.warning("job %s: ignoring checkpoint %s: %s", ctx.job.id, key, error)
+        return None
+    if state.fingerprint != expected:
+        log.warning("job %s: checkpoint %s is from another recipe: starting over", ctx.job.id, key)
+        return None
+    log.info("job %s: resuming from step %d of %d", ctx.job.id, state.step, state.total)
+    return state
+
+
+def _checkpoint_writer(
+    ctx: JobContext, key: str, loop: asyncio.AbstractEventLoop
+) -> Callable[[TrainState], None]:
+    """``on_checkpoint`` for the training thread: put the state with the event
+    loop's store and wait for it; a failed write costs only the steps since the
+    previous checkpoint, so training goes on."""
+
+    def write(state: TrainState) -> None:
+        if ctx.stop.is_set():
+            # The attempt is ending (canceled, taken, worker stopping, its loop maybe
+            # with it): the previous checkpoint stands.
+            return
+        put = ctx.store.put(key, state.to_bytes())
+        try:
+            future = asyncio.run_coroutine_threadsafe(put, loop)
+        except RuntimeError:  # the loop is closed
+            put.close()
+            log.warning("job %s: checkpoint at step %d not written", ctx.job.id, state.step)
+            return
+        try:
+            future.result(timeout=CHECKPOINT_WRITE_TIMEOUT_S)
+        except Exception:  # timeout, storage error
+            future.cancel()
+            log.warning(
+                "job %s: checkpoint at step %d not written", ctx.job.id, state.step, exc_info=True
+            )
+
+    return write
+
+
+async def _cancel_requested(ctx: JobContext) -> bool:
+    async with ctx.sessions() as session:
+        row = await session.get(Job, ctx.job.id)
+    return row is None or row.cancel_requested
+
+
+async def _load_photos(ctx: JobContext) -> tuple[Any, list[Image.Image]]:
+    job = ctx.job
+    assert job.subject_id is not None
+    async with ctx.sessions() as session:
+        subject = await get_subject(session, job.account_id, job.subject_id)
+        rows = await subject_photos(session, subject.id)
+    photos = []
+    for row in rows:
+        # The face-centred training crop where the photo has one.
+        key = getattr(row, "train_blob_key", None) or row.blob_key
+        photos.append(Image.open(io.BytesIO(await ctx.store.get(key))).convert("RGB"))
+    return subject, photos
+
+
+def _forget_resident_loras(pipe: Any) -> None:
+    """Training ends by unloading every adapter of the pipeline: tell the resident
+    LoRA cache (where this build has one) before its adapters vanish."""
+    forget = getattr(ml_runtime, "forget_resident_loras", None)
+    if forget is not None:
+        forget(pipe)
 
 
 async def run_training(ctx: JobContext) -> JobResult:
     from core.ml.generate import instance_prompt
     from core.ml.profiles import get_profile
-    from core.ml.train import TrainParams, train_dreambooth_lora
+    from core.ml.train import run_fingerprint, train_dreambooth_lora
 
     job = ctx.job
-    assert job.subject_id is not None
     profile = get_profile(job.params["profile"])
     steps = int(job.params.get("steps") or ctx.settings.train_steps or profile.train_steps)
+    plan = plan_training(profile, ctx.settings, steps, seed=job.attempts)
     ctx.progress.stage("loading photos and model", start=0.0, weight=_LOAD)
-    async with ctx.sessions() as session:
-        subject = await get_subject(session, job.account_id, job.subject_id)
-        photo_rows = await subject_photos(session, subject.id)
-    photos = [
-        Image.open(io.BytesIO(await ctx.store.get(p.blob_key))).convert("RGB") for p in photo_rows
-    ]
+    subject, photos = await _load_photos(ctx)
     pipe = await ctx.compute(resident_pipeline, ctx.settings, profile)
     ctx.raise_if_stopped()
+    prior = None
+    if plan.class_images:
+        prior = await _class_images(ctx, pipe, profile, subject.class_noun, plan.class_images)
+    prompt = instance_prompt(subject.token, subject.class_noun)
+    key = checkpoint_key(subject.id, job.id)
+    expected = await asyncio.to_thread(run_fingerprint, plan.params, photos, prompt, prior)
+    resume = await _checkpoint_to_resume(ctx, key, expected)
 
-    params = TrainParams(
-        steps=steps,
-        learning_rate=profile.learning_rate,
-        rank=profile.lora_rank,
-        alpha=profile.lora_alpha,
-        target_modules=profile.lora_target_modules,
-        resolution=profile.resolution,
-        seed=job.attempts,
-    )
-    ctx.progress.stage("training", start=_LOAD, weight=_TRAIN)
-    losses: list[float] = []
+    ctx.progress.stage("training", start=_LOAD + _CLASS, weight=_TRAIN)
+    losses: list[float] = list(resume.losses) if resume else []
 
     def on_step(step: int, total: int, loss: float) -> None:
         losses.append(loss)
         ctx.progress.step(step, total, loss=loss)
 
-    lora = await ctx.compute(
-        train_dreambooth_lora,
-        pipe,
-        photos,
-        instance_prompt(subject.token, subject.class_noun),
-        params,
-        on_step=on_step,
-        should_stop=ctx.stop.is_set,
-    )
-    ctx.progress.stage("saving", start=_LOAD + _TRAIN, weight=1 - _LOAD - _TRAIN)
-    key = lora_key(subject.id, profile.name, job.id)
+    await ctx.compute(_forget_resident_loras, pipe)
+    try:
+        lora = await ctx.compute(
+            train_dreambooth_lora,
+            pipe,
+            photos,
+            prompt,
+            plan.params,
+            on_step=on_step,
+            should_stop=ctx.stop.is_set,
+            prior=prior,
+            resume=resume,
+            on_checkpoint=_checkpoint_writer(ctx, key, asyncio.get_running_loop()),
+            checkpoint_every=plan.checkpoint_every,
+        )
+    except Canceled:
+        # A checkpoint holds a model of the subject: gone with a canceled job. A job
+        # taken from this worker keeps it for the attempt that replaces this one.
+        if await _cancel_requested(ctx):
+            await ctx.store.delete_prefix(checkpoint_prefix(subject.id, job.id))
+        raise
+    ctx.progress.stage("saving", start=_LOAD + _CLASS + _TRAIN, weight=1 - _LOAD - _CLASS - _TRAIN)
+    return await _save(ctx, subject.id, profile, steps, lora, losses, resume, plan)
+
+
+async def _save(
+    ctx: JobContext,
+    subject_id: uuid.UUID,
+    profile: Profile,
+    steps: int,
+    lora: bytes,
+    losses: list[float],
+    resume: TrainState | None,
+    plan: TrainPlan,
+) -> JobResult:
+    job = ctx.job
+    key = lora_key(subject_id, profile.name, job.id)
     await ctx.put_blob(key, lora)
+    await ctx.store.delete_prefix(checkpoint_prefix(subject_id, job.id))
     row = Lora(
-        subject_id=subject.id,
+        subject_id=subject_id,
         job_id=job.id,
         profile=profile.name,
         rank=profile.lora_rank,
@@ -73,5 +288,12 @@ async def run_training(ctx: JobContext) -> JobResult:
         bytes=len(lora),
         sha256=hashlib.sha256(lora).hexdigest(),
     )
-    result = {"lora_id": str(row.id), "steps": steps, "final_loss": losses[-1] if losses else None}
+    result = {
+        "lora_id": str(row.id),
+        "steps": steps,
+        "final_loss": losses[-1] if losses else None,
+        "resumed_from_step": resume.step if resume else 0,
+        "prior_preservation": plan.class_images > 0,
+        "class_images": plan.class_images,
+    }
     return JobResult(result=result, rows=[row], blob_keys=[key])

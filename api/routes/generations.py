@@ -20,7 +20,13 @@ async def create_generation(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobOut:
     """Start generating images of a subject; trains the subject first if needed
-    (the job then has `depends_on` set to the training job)."""
+    (the job then has `depends_on` set to the training job).
+
+    Options: `negative_prompt`, `steps`, `guidance_scale`, `width` and `height`
+    (multiples of 8, 64-1024; default the profile's resolution) and `scheduler`
+    (`dpmpp_2m`, `euler_a`, `ddim`, `pndm`). The job records the resolved values
+    and the seed; image i uses seed + i, and the same seed, LoRA and values give
+    the same images on the same device."""
     job = await request_generation(
         session,
         settings,

@@ -99,6 +99,14 @@ class SubjectPhoto(SQLModel, table=True):
     width: int
     height: int
     sha256: str
+    # The one face found in the stored photo, in its pixels. Null for photos
+    # stored before faces were detected.
+    face_x: int | None = None
+    face_y: int | None = None
+    face_w: int | None = None
+    face_h: int | None = None
+    # The square crop around the face that training uses (same null rule).
+    train_blob_key: str | None = None
 
 
 class Lora(SQLModel, table=True):

@@ -1,30 +1,37 @@
 """DreamBooth-LoRA training on a resident pipeline.
 
 The base weights stay frozen; a peft LoRA adapter is added to the UNet's attention
-projections, trained with the denoising loss on the subject's photos paired with
-the instance prompt, exported in the format stock diffusers loads, and removed.
-The pipeline is shared with generation, so it is left exactly as it was found.
+projections (and, optionally, the CLIP text encoder's), trained with the denoising
+loss on the subject's photos paired with the instance prompt, plus DreamBooth's
+prior-preservation term on class images paired with the class prompt, exported in
+the format stock diffusers loads, and removed. The pipeline is shared with
+generation, so it is left exactly as it was found.
+
+A run can hand out resumable snapshots (``on_checkpoint`` every ``checkpoint_every``
+steps) and be resumed from one (``resume``): see ``core.ml.train_state``.
 """
 
 from __future__ import annotations
 
-import tempfile
+import logging
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-from PIL import Image, ImageOps
+from PIL import Image
 
 from core import errors
 from core.errors import InvalidInput
 from core.ml.pipeline import exclusive
+from core.ml.profiles import CLIP_ATTENTION_MODULES, MixedPrecision
+from core.ml.train_data import LatentViews, encode_views, prompt_ids, randn, sample_latents
+from core.ml.train_lora import add_adapters, export_lora, restored
+from core.ml.train_loss import dreambooth_loss, noise_target, random_timesteps
+from core.ml.train_state import TrainState, cpu_copy, fingerprint, optimizer_kind
 
 if TYPE_CHECKING:
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
@@ -33,10 +40,14 @@ if TYPE_CHECKING:
 
     from core.ml.profiles import Profile
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-# LoRA init as diffusers' DreamBooth script: A gaussian, B zero (adapter starts as identity).
-LORA_INIT: Literal["gaussian"] = "gaussian"
-PIXEL_SCALE = 127.5  # maps 0..255 to -1..1
+log = logging.getLogger("atelier.ml.train")
+
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# TrainParams fields that change how a run executes, not what it learns: a checkpoint
+# resumes across them. The seed only starts a run (a resumed one takes its random
+# state and weights from the checkpoint); an optimizer of another kind starts its
+# moments afresh (see _resume).
+HOW_NOT_WHAT = frozenset({"seed", "gradient_checkpointing", "mixed_precision", "use_8bit_adam"})
 
 
 class Canceled(errors.Canceled):
@@ -56,6 +67,14 @@ class TrainParams:
     target_modules: tuple[str, ...]
     resolution: int
     seed: int = 0
+    prior_loss_weight: float = 1.0  # lambda of the prior term, when class images are given
+    snr_gamma: float | None = None  # Min-SNR weighting; None = plain MSE
+    train_text_encoder: bool = False
+    text_encoder_target_modules: tuple[str, ...] = CLIP_ATTENTION_MODULES
+    gradient_checkpointing: bool = False
+    mixed_precision: MixedPrecision = "no"  # autocast dtype on CUDA
+    use_8bit_adam: bool = False
+    crop_jitter: float = 0.0
 
     @classmethod
     def from_profile(cls, profile: Profile, steps: int | None = None, seed: int = 0) -> TrainParams:
@@ -68,190 +87,232 @@ class TrainParams:
             target_modules=profile.lora_target_modules,
             resolution=profile.resolution,
             seed=seed,
+            prior_loss_weight=profile.prior_loss_weight,
+            snr_gamma=profile.snr_gamma,
+            train_text_encoder=profile.train_text_encoder,
+            text_encoder_target_modules=profile.text_encoder_target_modules,
+            gradient_checkpointing=profile.gradient_checkpointing,
+            mixed_precision=profile.mixed_precision,
+            use_8bit_adam=profile.use_8bit_adam,
+            crop_jitter=profile.crop_jitter,
         )
-
-
-def _photo_tensor(photo: Image.Image, resolution: int) -> torch.Tensor:
-    """Center-crop to a square, resize to ``resolution``, scale to [-1, 1], CHW."""
-    square = ImageOps.fit(photo.convert("RGB"), (resolution, resolution), Image.Resampling.LANCZOS)
-    pixels = np.asarray(square, dtype=np.float32) / PIXEL_SCALE - 1.0
-    return torch.from_numpy(pixels).permute(2, 0, 1)
-
-
-@torch.no_grad()
-def _encode_photos(
-    pipe: StableDiffusionPipeline, photos: list[Image.Image], resolution: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latent mean and std of every photo and of its mirror image.
-
-    Encoding both orientations once replaces a per-step VAE pass: picking one of
-    the 2N latents uniformly is the same as a random horizontal flip.
-    """
-    vae = pipe.vae
-    means, stds = [], []
-    for photo in photos:
-        pixels = _photo_tensor(photo, resolution)
-        # Two images per VAE call, not all photos at once: at 512 px a batch of
-        # 2N images would cost gigabytes of activations.
-        pair = torch.stack([pixels, pixels.flip(-1)]).to(vae.device, vae.dtype)
-        posterior = vae.encode(pair).latent_dist
-        means.append(posterior.mean.float())
-        stds.append(posterior.std.float())
-    return torch.cat(means), torch.cat(stds)
-
-
-@torch.no_grad()
-def _encode_prompt(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
-    tokenizer = pipe.tokenizer
-    ids = tokenizer(
-        prompt,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
 
 @dataclass(frozen=True)
-class _ModuleState:
-    """Train/eval mode of every submodule and requires_grad of every parameter."""
+class PriorPreservation:
+    """DreamBooth's class images and the prompt they were generated from."""
 
-    modes: dict[str, bool]
-    grads: dict[str, bool]
-
-    @classmethod
-    def of(cls, module: torch.nn.Module) -> _ModuleState:
-        modes = {name: sub.training for name, sub in module.named_modules()}
-        grads = {name: param.requires_grad for name, param in module.named_parameters()}
-        return cls(modes, grads)
-
-    def restore(self, module: torch.nn.Module) -> None:
-        for name, sub in module.named_modules():
-            if name in self.modes:
-                sub.training = self.modes[name]
-        for name, param in module.named_parameters():
-            param.requires_grad_(self.grads.get(name, False))
+    images: list[Image.Image]
+    prompt: str
 
 
-@contextmanager
-def _restored(pipe: StableDiffusionPipeline) -> Iterator[None]:
-    """Undo everything training does to the pipeline, even on error or cancel."""
-    modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
-    saved = {name: _ModuleState.of(module) for name, module in modules.items()}
+@dataclass
+class _Run:
+    """Everything the steps of one run share."""
+
+    pipe: StableDiffusionPipeline
+    params: TrainParams
+    noise_scheduler: DDPMScheduler
+    instance: LatentViews
+    classes: LatentViews | None
+    ids: torch.Tensor  # token ids: the instance prompt, then the class prompt
+    embeddings: torch.Tensor | None  # precomputed unless the text encoder trains
+    trainable: list[tuple[str, torch.nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast_dtype: torch.dtype | None
+    generator: torch.Generator  # every random draw of every step comes from it
+    fingerprint: str
+
+
+def _adam_8bit() -> Callable[..., torch.optim.Optimizer] | None:
+    """bitsandbytes' AdamW8bit, or None where it is not installed (the ``gpu`` extra)."""
     try:
-        yield
-    finally:
-        # Removes the peft wrappers themselves, not only the adapter weights, so the
-        # UNet's modules and state-dict keys are the original ones again.
-        pipe.unload_lora_weights()
-        for name, module in modules.items():
-            saved[name].restore(module)
+        import bitsandbytes
+    except ImportError:
+        return None
+    adam: Callable[..., torch.optim.Optimizer] = bitsandbytes.optim.AdamW8bit
+    return adam
 
 
-def _add_lora(
-    pipe: StableDiffusionPipeline, params: TrainParams, adapter: str
-) -> list[torch.nn.Parameter]:
-    from peft import LoraConfig
-
-    unet = pipe.unet
-    config = LoraConfig(
-        r=params.rank,
-        lora_alpha=params.alpha,
-        init_lora_weights=LORA_INIT,
-        target_modules=list(params.target_modules),
-    )
-    cuda_devices = [unet.device.index or 0] if unet.device.type == "cuda" else []
-    # peft initialises the new weights from torch's global RNG: seed it locally.
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(params.seed)
-        unet.add_adapter(config, adapter_name=adapter)
-    trainable = [param for param in unet.parameters() if param.requires_grad]
-    for param in trainable:
-        # Optimizer state and updates in fp32 even when the base model is half precision.
-        param.data = param.data.float()
-    return trainable
-
-
-def _noise_target(
-    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.IntTensor
-) -> torch.Tensor:
-    """What the UNet learns to predict, as the checkpoint was trained (SD 2.x-style
-    checkpoints predict velocity, SD 1.x noise)."""
-    prediction_type = scheduler.config["prediction_type"]
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)
-    # A property of the checkpoint, not of the request.
-    raise ValueError(f"unsupported prediction type {prediction_type!r}")
-
-
-def _randn(shape: torch.Size, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    # Drawn on the CPU generator so a seed means the same noise on every device.
-    return torch.randn(shape, generator=generator).to(like.device)
-
-
-def _training_step(
-    pipe: StableDiffusionPipeline,
-    noise_scheduler: DDPMScheduler,
-    photo_latents: tuple[torch.Tensor, torch.Tensor],
-    text_embeddings: torch.Tensor,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """One denoising-loss evaluation on one randomly chosen (maybe mirrored) photo."""
-    means, stds = photo_latents
-    pick = int(torch.randint(len(means), (1,), generator=generator))
-    mean, std = means[pick : pick + 1], stds[pick : pick + 1]
-    latents = (mean + std * _randn(mean.shape, generator, mean)) * pipe.vae.config.scaling_factor
-    noise = _randn(latents.shape, generator, latents)
-    train_steps = noise_scheduler.config["num_train_timesteps"]
-    timestep = torch.randint(train_steps, (1,), generator=generator).to(latents.device)
-    # diffusers annotates timesteps as IntTensor; any integer tensor works (this is int64).
-    t = cast(torch.IntTensor, timestep)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    target = _noise_target(noise_scheduler, latents, noise, t)
-    unet = pipe.unet
-    half = unet.dtype != torch.float32
-    with torch.autocast(unet.device.type, dtype=unet.dtype, enabled=half):
-        prediction = unet(noisy.to(unet.dtype), t, encoder_hidden_states=text_embeddings).sample
-    return F.mse_loss(prediction.float(), target.float())
-
-
-def _export_lora(pipe: StableDiffusionPipeline, adapter: str, params: TrainParams) -> bytes:
-    """The adapter as a diffusers LoRA safetensors file, alpha folded into lora_B.
-
-    Diffusers' file format has no alpha unless a metadata header carries it, and a
-    state dict loaded from bytes loses that header; a loader then assumes
-    alpha == rank. Scaling lora_B by alpha / rank makes any loader apply it right.
-    """
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    scale = params.alpha / params.rank
-    peft_state = get_peft_model_state_dict(pipe.unet, adapter_name=adapter)
-    folded = {
-        key: (value * scale if ".lora_B." in key else value)
-        .detach()
-        .to("cpu", torch.float32)
-        .contiguous()
-        for key, value in peft_state.items()
-    }
-    with tempfile.TemporaryDirectory(prefix="atelier-lora-") as folder:
-        # The pipeline class's own writer: the file layout its load_lora_weights reads.
-        type(pipe).save_lora_weights(
-            folder,
-            unet_lora_layers=convert_state_dict_to_diffusers(folded),
-            weight_name=LORA_WEIGHT_NAME,
+def _make_optimizer(
+    parameters: list[torch.nn.Parameter], params: TrainParams, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW (weight decay 1e-2, as diffusers' script); bitsandbytes' 8-bit AdamW
+    when the profile asks for it and it can run (installed, CUDA device)."""
+    if params.use_8bit_adam:
+        adam_8bit = _adam_8bit()
+        if adam_8bit is not None and device.type == "cuda":
+            log.info("training with bitsandbytes' 8-bit AdamW")
+            return adam_8bit(parameters, lr=params.learning_rate, weight_decay=1e-2)
+        reason = (
+            "bitsandbytes is not installed (pip install 'atelier[gpu]')"
+            if adam_8bit is None
+            else f"it needs a CUDA device, training runs on {device.type}"
         )
-        return (Path(folder) / LORA_WEIGHT_NAME).read_bytes()
+        log.warning("8-bit Adam was asked for but %s: falling back to torch.optim.AdamW", reason)
+    return torch.optim.AdamW(parameters, lr=params.learning_rate, weight_decay=1e-2)
 
 
-def _check_inputs(photos: list[Image.Image], params: TrainParams) -> None:
+def _autocast_dtype(pipe: StableDiffusionPipeline, params: TrainParams) -> torch.dtype | None:
+    """The autocast dtype of the forward passes, None for plain fp32."""
+    unet = pipe.unet
+    if unet.device.type == "cuda" and params.mixed_precision != "no":
+        return AUTOCAST_DTYPES[params.mixed_precision]
+    if unet.dtype != torch.float32:
+        return unet.dtype  # half-precision base weights meet the fp32 LoRA weights
+    if params.mixed_precision != "no":
+        log.info("mixed precision applies on CUDA only; training on %s in fp32", unet.device)
+    return None
+
+
+def _autocast(run: _Run) -> AbstractContextManager[Any]:
+    dtype = run.autocast_dtype
+    device_type = run.pipe.unet.device.type
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def run_fingerprint(
+    params: TrainParams,
+    photos: list[Image.Image],
+    instance_prompt: str,
+    prior: PriorPreservation | None,
+) -> str:
+    """What a checkpoint must have been trained on to resume this run."""
+    prompts = [instance_prompt, prior.prompt if prior else ""]
+    images = photos + (prior.images if prior else [])
+    return fingerprint(params, prompts, images, {"prior": prior is not None}, HOW_NOT_WHAT)
+
+
+def _prepare(
+    pipe: StableDiffusionPipeline,
+    photos: list[Image.Image],
+    instance_prompt: str,
+    params: TrainParams,
+    prior: PriorPreservation | None,
+    adapter: str,
+) -> _Run:
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+    if params.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    instance = encode_views(pipe, photos, params.resolution, params.crop_jitter)
+    classes = None
+    if prior is not None:
+        classes = encode_views(pipe, prior.images, params.resolution, params.crop_jitter)
+    ids = prompt_ids(pipe, [instance_prompt] + ([prior.prompt] if prior else []))
+    embeddings = None
+    if not params.train_text_encoder:
+        with torch.no_grad():
+            embeddings = pipe.text_encoder(ids)[0]
+    trainable = add_adapters(pipe, params, adapter)
+    device = pipe.unet.device
+    dtype = _autocast_dtype(pipe, params)
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+    scaling = device.type == "cuda" and dtype == torch.float16
+    pipe.unet.train()
+    if params.train_text_encoder:
+        pipe.text_encoder.train()
+    return _Run(
+        pipe=pipe,
+        params=params,
+        # The forward process the model was trained with, from the checkpoint's schedule.
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        instance=instance,
+        classes=classes,
+        ids=ids,
+        embeddings=embeddings,
+        trainable=trainable,
+        optimizer=_make_optimizer([p for _, p in trainable], params, device),
+        scaler=torch.amp.GradScaler(device.type, enabled=scaling),
+        autocast_dtype=dtype,
+        generator=torch.Generator().manual_seed(params.seed),
+        fingerprint=run_fingerprint(params, photos, instance_prompt, prior),
+    )
+
+
+def _loss(run: _Run) -> torch.Tensor:
+    """One denoising-loss evaluation: a random view of one photo (and of one class
+    image, prior preservation's half of the batch), random noise and timesteps."""
+    pipe, generator, scheduler = run.pipe, run.generator, run.noise_scheduler
+    examples = [sample_latents(run.instance, generator)]
+    if run.classes is not None:
+        examples.append(sample_latents(run.classes, generator))
+    latents = torch.cat(examples) * pipe.vae.config.scaling_factor
+    noise = randn(latents.shape, generator, latents)
+    t = random_timesteps(scheduler, len(latents), generator, latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    unet = pipe.unet
+    with _autocast(run):
+        hidden = run.embeddings if run.embeddings is not None else pipe.text_encoder(run.ids)[0]
+        prediction = unet(noisy.to(unet.dtype), t, encoder_hidden_states=hidden.to(unet.dtype))
+    prior_weight = run.params.prior_loss_weight if run.classes is not None else None
+    target = noise_target(scheduler, latents, noise, t)
+    return dreambooth_loss(
+        prediction.sample, target, t, scheduler, prior_weight, run.params.snr_gamma
+    )
+
+
+def _step(run: _Run) -> float:
+    loss = _loss(run)
+    run.optimizer.zero_grad(set_to_none=True)
+    # A disabled scaler passes the loss and the step through unchanged.
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return float(loss.detach())
+
+
+def _capture(run: _Run, step: int, losses: list[float]) -> TrainState:
+    return TrainState(
+        step=step,
+        total=run.params.steps,
+        lora={name: cpu_copy(param) for name, param in run.trainable},
+        optimizer=cpu_copy(run.optimizer.state_dict()),
+        optimizer_kind=optimizer_kind(run.optimizer),
+        generator=run.generator.get_state(),
+        losses=list(losses),
+        fingerprint=run.fingerprint,
+        scaler=cpu_copy(run.scaler.state_dict()) if run.scaler.is_enabled() else None,
+    )
+
+
+def _resume(run: _Run, state: TrainState) -> None:
+    if state.fingerprint != run.fingerprint or state.total != run.params.steps:
+        raise ValueError("the checkpoint belongs to another training run (see run_fingerprint)")
+    if not 0 < state.step < state.total or len(state.losses) != state.step:
+        raise ValueError(f"inconsistent checkpoint at step {state.step} of {state.total}")
+    if set(state.lora) != {name for name, _ in run.trainable}:
+        raise ValueError("the checkpoint's LoRA parameters do not match this run's")
+    with torch.no_grad():
+        for name, param in run.trainable:
+            param.copy_(state.lora[name])
+    if state.optimizer_kind == optimizer_kind(run.optimizer):
+        run.optimizer.load_state_dict(state.optimizer)
+    else:  # e.g. saved by 8-bit Adam on a host with bitsandbytes, resumed on one without
+        log.warning(
+            "checkpoint optimizer %s, this run uses %s: Adam moments start afresh",
+            state.optimizer_kind,
+            optimizer_kind(run.optimizer),
+        )
+    if state.scaler is not None and run.scaler.is_enabled():
+        run.scaler.load_state_dict(state.scaler)
+    run.generator.set_state(state.generator)
+
+
+def _check_inputs(
+    photos: list[Image.Image], params: TrainParams, prior: PriorPreservation | None
+) -> None:
     if not photos:
         raise InvalidInput("training needs at least one photo")
     if params.steps < 1 or params.rank < 1 or params.alpha < 1 or params.learning_rate <= 0:
         raise InvalidInput(f"invalid training parameters: {params}")
+    if params.prior_loss_weight < 0 or not 0 <= params.crop_jitter < 1:
+        raise InvalidInput(f"invalid training parameters: {params}")
+    if params.snr_gamma is not None and params.snr_gamma <= 0:
+        raise InvalidInput(f"snr_gamma must be positive, not {params.snr_gamma}")
+    if prior is not None and not prior.images:
+        raise InvalidInput("prior preservation needs at least one class image")
 
 
 def train_dreambooth_lora(
@@ -261,31 +322,39 @@ def train_dreambooth_lora(
     params: TrainParams,
     on_step: Callable[[int, int, float], None],
     should_stop: Callable[[], bool],
+    *,
+    prior: PriorPreservation | None = None,
+    resume: TrainState | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> bytes:
     """Train a LoRA of the subject in ``photos``; return it as safetensors bytes.
 
-    ``on_step(step, total, loss)`` follows each step (1-based); ``should_stop()``
-    is asked before each step and raises Canceled when true.
+    ``on_step(step, total, loss)`` follows each step (1-based, counted from the
+    start of the whole run even after a resume); ``should_stop()`` is asked before
+    each step and raises Canceled when true. With ``prior``, each step's batch is
+    one photo and one class image and the loss is instance + lambda * prior.
+
+    ``on_checkpoint(state)`` gets a resumable snapshot after every
+    ``checkpoint_every``-th step but the last, before that step's ``on_step``; it
+    runs on the training thread, which waits for it. ``resume`` continues from
+    such a snapshot of the same run (same ``run_fingerprint``, else ValueError) up
+    to ``params.steps``; the result equals an uninterrupted run's.
     """
-    _check_inputs(photos, params)
+    _check_inputs(photos, params, prior)
     adapter = f"atelier_train_{uuid.uuid4().hex}"
-    with exclusive(pipe), _restored(pipe), torch.enable_grad():
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False)
-        generator = torch.Generator().manual_seed(params.seed)
-        # The forward process the model was trained with, from the checkpoint's schedule.
-        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        photo_latents = _encode_photos(pipe, photos, params.resolution)
-        text_embeddings = _encode_prompt(pipe, instance_prompt).to(pipe.unet.dtype)
-        trainable = _add_lora(pipe, params, adapter)
-        optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate)
-        pipe.unet.train()
-        for step in range(1, params.steps + 1):
+    with exclusive(pipe), restored(pipe), torch.enable_grad():
+        run = _prepare(pipe, photos, instance_prompt, params, prior, adapter)
+        losses: list[float] = []
+        if resume is not None:
+            _resume(run, resume)
+            losses = list(resume.losses)
+        for step in range(len(losses) + 1, params.steps + 1):
             if should_stop():
                 raise Canceled(f"training canceled before step {step} of {params.steps}")
-            loss = _training_step(pipe, noise_scheduler, photo_latents, text_embeddings, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            on_step(step, params.steps, float(loss.detach()))
-        return _export_lora(pipe, adapter, params)
+            losses.append(_step(run))
+            if on_checkpoint and checkpoint_every > 0 and step % checkpoint_every == 0:
+                if step < params.steps:
+                    on_checkpoint(_capture(run, step, losses))
+            on_step(step, params.steps, losses[-1])
+        return export_lora(pipe, adapter, params)

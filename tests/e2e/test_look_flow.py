@@ -19,6 +19,7 @@ from httpx import AsyncClient
 from PIL import Image
 from redis.asyncio import Redis
 
+from core.ml.profiles import get_profile
 from core.settings import Settings
 from tests.conftest import photo_files
 from tests.e2e.conftest import Processes
@@ -118,24 +119,44 @@ async def test_worker_killed_mid_training_is_retried(
     processes: Processes,
     sessions: object,
     redis: Redis,
+    settings: Settings,
 ) -> None:
+    every = settings.checkpoint_every or get_profile(settings.profile).checkpoint_every
+    total = 3 * every  # the kill lands after the first checkpoint, well before the end
+    assert every > 0
     processes.scheduler()
     victim = processes.worker("victim")
     subject_id = await _subject(client, auth, sample_photos)
-    train = await _train(client, auth, subject_id, steps=60)
+    train = await _train(client, auth, subject_id, steps=total)
+    # Past the first checkpoint, which is written before its step is reported.
     running = await _wait(
-        client, auth, train["id"], lambda j: j["progress_detail"].get("step", 0) >= 2
+        client, auth, train["id"], lambda j: j["progress_detail"].get("step", 0) >= every + 1
     )
-    assert running["status"] == "running" and running["progress_detail"]["total"] == 60
+    assert running["status"] == "running" and running["progress_detail"]["total"] == total
+    checkpoints = settings.blob_dir / "subjects" / subject_id / "checkpoints"
+    assert (checkpoints / train["id"] / "latest").is_file()
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     processes.worker("rescuer")
 
+    def retried(job: dict[str, Any]) -> bool:
+        training = job["attempts"] == 2 and job["stage"] == "training"
+        return _finished(job) or (training and job["progress_detail"].get("step", 0) > 0)
+
+    second = await _wait(client, auth, train["id"], retried)
+    if not _finished(second):  # progress counts the whole run's steps, not the attempt's
+        assert every < second["progress_detail"]["step"] <= total, second
+        assert second["progress_detail"]["total"] == total
     done = await _wait(client, auth, train["id"], _finished)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
-    assert done["result"]["steps"] == 60
+    # The second attempt went on from the victim's last checkpoint, to the same total.
+    assert done["result"]["resumed_from_step"] >= every
+    assert done["result"]["resumed_from_step"] % every == 0
+    assert done["result"]["steps"] == total
     assert "lost" in processes.log("scheduler")
+    assert "resuming from step" in processes.log("rescuer")
+    assert not checkpoints.exists()  # deleted once the job succeeded
 
 
 async def test_redis_flush_loses_no_job(
@@ -190,7 +211,7 @@ async def test_stopping_a_worker_hands_its_job_back(
     processes.scheduler()
     leaving = processes.worker("leaving")
     subject_id = await _subject(client, auth, sample_photos)
-    train = await _train(client, auth, subject_id, steps=60)
+    train = await _train(client, auth, subject_id, steps=20)
     await _wait(client, auth, train["id"], lambda j: j["progress_detail"].get("step", 0) >= 2)
     leaving.send_signal(signal.SIGTERM)  # a deploy, not a crash
     back = await _wait(client, auth, train["id"], lambda j: j["status"] != "running", within=30)

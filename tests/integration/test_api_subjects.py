@@ -9,6 +9,7 @@ from httpx import AsyncClient
 from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.models import Subject, SubjectPhoto
@@ -51,7 +52,22 @@ async def test_create_get_delete_subject(
     assert body["class_noun"] == "woman"
     assert len(body["token"]) == 3
     stored = _files_under(settings.blob_dir / "subjects" / body["id"])
-    assert len(stored) == len(sample_photos)
+    # Each photo and, next to it, the square crop around the face for training.
+    assert len(stored) == 2 * len(sample_photos)
+    async with sessions() as session:
+        query = select(SubjectPhoto).order_by(col(SubjectPhoto.position))
+        rows = (await session.scalars(query)).all()
+    assert [r.position for r in rows] == list(range(len(sample_photos)))
+    for row in rows:
+        assert row.train_blob_key == row.blob_key.removesuffix(".png") + ".train.png"
+        assert row.face_x is not None and row.face_y is not None
+        assert row.face_w is not None and row.face_h is not None
+        assert row.face_w >= settings.min_face_fraction * min(row.width, row.height)
+        with Image.open(settings.blob_dir / row.train_blob_key) as crop:
+            assert crop.format == "PNG" and crop.width == crop.height
+            side = max(row.face_w, row.face_h)
+            expected = min(round(settings.face_crop_scale * side), row.width, row.height)
+            assert crop.width == expected
 
     got = await client.get(f"/v1/subjects/{body['id']}", headers=auth)
     assert got.status_code == 200 and got.json()["token"] == body["token"]
@@ -138,6 +154,31 @@ async def test_bad_uploads_are_refused_and_leave_nothing(
         if code:
             assert problem["type"] == f"/problems/{code}", (label, problem)
     assert await _count(sessions, Subject) == 0
+    assert _files_under(settings.blob_dir) == files_before
+
+
+async def test_photo_without_a_face_is_refused_by_name_and_leaves_nothing(
+    client: AsyncClient,
+    auth: dict[str, str],
+    sample_photos: list[tuple[str, bytes]],
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    files_before = _files_under(settings.blob_dir)
+    files = photo_files(sample_photos[:3])
+    files.insert(1, ("photos", ("landscape.png", _png((400, 300)), "image/png")))
+
+    response = await client.post("/v1/subjects", headers=auth, files=files)
+
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == "/problems/photo-rejected"
+    assert problem["photo"] == "landscape.png"
+    assert problem["reason"] == "no-face"
+    assert "landscape.png" in problem["detail"]
+    assert await _count(sessions, Subject) == 0
+    assert await _count(sessions, SubjectPhoto) == 0
     assert _files_under(settings.blob_dir) == files_before
 
 

@@ -18,9 +18,11 @@ from PIL import ExifTags, Image, ImageCms, ImageFile, PngImagePlugin
 from core.errors import InvalidInput, PhotoRejected, PhotoTooLarge, PhotoUnsupported
 from core.photos import (
     ALLOWED_FORMATS,
+    CleanPhoto,
     NormalizedPhoto,
     PhotoLimits,
     check_photo_count,
+    clean_photo,
     normalize_photo,
 )
 from core.settings import Settings
@@ -73,7 +75,7 @@ def png_chunk_types(data: bytes) -> list[bytes]:
     return types
 
 
-def reopen(photo: NormalizedPhoto) -> Image.Image:
+def reopen(photo: CleanPhoto | NormalizedPhoto) -> Image.Image:
     img = Image.open(io.BytesIO(photo.data))
     img.load()
     return img
@@ -82,7 +84,10 @@ def reopen(photo: NormalizedPhoto) -> Image.Image:
 def rejected(
     exc_type: type[PhotoRejected], data: bytes, name: str, limits: PhotoLimits = LIMITS
 ) -> PhotoRejected:
-    """normalize_photo must raise exactly ``exc_type``, naming the photo."""
+    """normalize_photo must raise exactly ``exc_type``, naming the photo.
+
+    The whole pipeline runs, so each of these checks is shown to come before
+    the face check (the synthetic pictures here have no face)."""
     with pytest.raises(PhotoRejected) as info:
         normalize_photo(data, name, limits)
     assert type(info.value) is exc_type, info.value.detail
@@ -96,7 +101,7 @@ def rejected(
 
 @pytest.mark.parametrize("fmt", sorted(ALLOWED_FORMATS))
 def test_allowed_formats_become_clean_png(fmt: str) -> None:
-    photo = normalize_photo(encode(picture(), fmt), f"me.{fmt.lower()}", LIMITS)
+    photo = clean_photo(encode(picture(), fmt), f"me.{fmt.lower()}", LIMITS)
 
     assert photo.source_format == fmt
     assert (photo.width, photo.height) == (320, 240)
@@ -106,14 +111,14 @@ def test_allowed_formats_become_clean_png(fmt: str) -> None:
 
 
 def test_format_is_decided_by_content_not_name() -> None:
-    photo = normalize_photo(encode(picture(), "PNG"), "holiday.gif", LIMITS)
+    photo = clean_photo(encode(picture(), "PNG"), "holiday.gif", LIMITS)
     assert photo.source_format == "PNG"
 
 
 def test_sha256_is_of_the_output_and_deterministic() -> None:
     data = encode(picture(), "JPEG", quality=90)
-    first = normalize_photo(data, "a.jpg", LIMITS)
-    second = normalize_photo(data, "b.jpg", LIMITS)
+    first = clean_photo(data, "a.jpg", LIMITS)
+    second = clean_photo(data, "b.jpg", LIMITS)
 
     assert first.data == second.data
     assert first.sha256 == second.sha256
@@ -132,7 +137,7 @@ def test_gps_exif_icc_and_text_are_stripped() -> None:
     data = encode(picture(), "JPEG", exif=exif, icc_profile=icc, comment=b"secret")
     assert Image.open(io.BytesIO(data)).getexif().get_ifd(ExifTags.IFD.GPSInfo)  # sanity
 
-    img = reopen(normalize_photo(data, "gps.jpg", LIMITS))
+    img = reopen(clean_photo(data, "gps.jpg", LIMITS))
 
     assert not img.getexif()
     assert not {"exif", "icc_profile", "comment"} & img.info.keys()
@@ -142,7 +147,7 @@ def test_png_text_chunks_are_stripped() -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("Author", "someone@example.com")
     info.add_itxt("Description", "home address", zip=True)
-    photo = normalize_photo(encode(picture(), "PNG", pnginfo=info), "t.png", LIMITS)
+    photo = clean_photo(encode(picture(), "PNG", pnginfo=info), "t.png", LIMITS)
 
     assert png_chunk_types(photo.data) == [b"IHDR", b"IDAT", b"IEND"]
 
@@ -156,7 +161,7 @@ def test_exif_orientation_is_applied() -> None:
     exif[ExifTags.Base.Orientation] = 6
     data = encode(stored, "PNG", exif=exif)
 
-    photo = normalize_photo(data, "phone.png", LIMITS)
+    photo = clean_photo(data, "phone.png", LIMITS)
     img = reopen(photo)
 
     assert (photo.width, photo.height) == (100, 200)
@@ -166,22 +171,22 @@ def test_exif_orientation_is_applied() -> None:
 
 def test_downscale_keeps_aspect_and_respects_stored_side() -> None:
     limits = dataclasses.replace(LIMITS, stored_side=SMALL_SIDE)
-    photo = normalize_photo(encode(picture((1000, 500)), "PNG"), "big.png", limits)
+    photo = clean_photo(encode(picture((1000, 500)), "PNG"), "big.png", limits)
     assert (photo.width, photo.height) == (SMALL_SIDE, SMALL_SIDE // 2)
 
-    portrait = normalize_photo(encode(picture((300, 900)), "PNG"), "tall.png", limits)
+    portrait = clean_photo(encode(picture((300, 900)), "PNG"), "tall.png", limits)
     assert (portrait.width, portrait.height) == (SMALL_SIDE // 3, SMALL_SIDE)
 
 
 def test_small_photo_is_not_upscaled() -> None:
-    photo = normalize_photo(encode(picture((100, 80)), "PNG"), "s.png", LIMITS)
+    photo = clean_photo(encode(picture((100, 80)), "PNG"), "s.png", LIMITS)
     assert (photo.width, photo.height) == (100, 80)
 
 
 def test_alpha_is_flattened_on_white() -> None:
     img = Image.new("RGBA", (100, 100), (0, 0, 0, 0))
     img.paste((255, 0, 0, 255), (0, 0, 50, 100))
-    out = reopen(normalize_photo(encode(img, "PNG"), "cutout.png", LIMITS))
+    out = reopen(clean_photo(encode(img, "PNG"), "cutout.png", LIMITS))
 
     assert out.mode == "RGB"
     assert out.getpixel((75, 50)) == (255, 255, 255)
@@ -192,7 +197,7 @@ def test_palette_with_transparency_is_flattened_on_white() -> None:
     img = Image.new("P", (100, 100), 0)
     img.putpalette([0, 0, 0, 255, 0, 0])
     img.paste(1, (0, 0, 50, 100))
-    out = reopen(normalize_photo(encode(img, "PNG", transparency=0), "p.png", LIMITS))
+    out = reopen(clean_photo(encode(img, "PNG", transparency=0), "p.png", LIMITS))
 
     assert out.getpixel((75, 50)) == (255, 255, 255)
     assert out.getpixel((25, 50)) == RED
@@ -201,7 +206,7 @@ def test_palette_with_transparency_is_flattened_on_white() -> None:
 def test_sixteen_bit_greyscale_keeps_its_tones() -> None:
     mid_grey = 0x8000
     img = Image.new("I;16", (100, 100), mid_grey)
-    out = reopen(normalize_photo(encode(img, "PNG"), "deep.png", LIMITS))
+    out = reopen(clean_photo(encode(img, "PNG"), "deep.png", LIMITS))
 
     grey = mid_grey >> 8  # not clipped to white, as a naive conversion would
     assert out.getpixel((50, 50)) == (grey, grey, grey)
@@ -213,7 +218,7 @@ def test_animated_image_keeps_its_first_frame() -> None:
         data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], lossless=True)
         assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2  # sanity
 
-        out = reopen(normalize_photo(data, f"anim.{fmt.lower()}", LIMITS))
+        out = reopen(clean_photo(data, f"anim.{fmt.lower()}", LIMITS))
 
         assert out.getpixel((50, 50)) == RED
 
@@ -226,12 +231,58 @@ def test_demo_photos_pass_with_default_settings() -> None:
     for path in paths:
         photo = normalize_photo(path.read_bytes(), path.name, LIMITS)
         assert photo.source_format == "JPEG"
+        assert photo.face.side >= LIMITS.min_face_fraction * min(photo.width, photo.height)
+        assert set(png_chunk_types(photo.train_data)) == {b"IHDR", b"IDAT", b"IEND"}
         shapes.add((photo.width, photo.height))
     # The EXIF-rotated one is stored landscape but comes out portrait.
     assert (448, 560) in shapes
 
 
+def test_normalized_photo_is_the_clean_photo_plus_its_face() -> None:
+    data = (DEMO_DIR / "01_portrait.jpg").read_bytes()
+    clean = clean_photo(data, "me.jpg", LIMITS)
+    photo = normalize_photo(data, "me.jpg", LIMITS)
+
+    assert (photo.data, photo.sha256, photo.width, photo.height) == (
+        clean.data,
+        clean.sha256,
+        clean.width,
+        clean.height,
+    )
+    crop = Image.open(io.BytesIO(photo.train_data))
+    assert crop.width == crop.height < photo.width
+
+
+def test_a_clean_photo_without_a_face_is_refused() -> None:
+    err = rejected(PhotoRejected, encode(picture(), "PNG"), "landscape.png")
+    assert err.extra["reason"] == "no-face"
+
+
 # --- rejected photos --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "exc_type"),
+    [
+        (png_declaring(50_000, 50_000), PhotoTooLarge),
+        (png_declaring(7000, 7000), PhotoTooLarge),
+        (b"\0" * (LIMITS.max_bytes + 1), PhotoTooLarge),
+        (b"%PDF-1.7\n", PhotoRejected),
+        (encode(picture(), "GIF"), PhotoUnsupported),
+        (encode(picture((640, 480)), "JPEG")[:2000], PhotoRejected),
+        (encode(picture((LIMITS.min_side - 1, 200)), "PNG"), PhotoRejected),
+    ],
+    ids=["bomb", "over-pixels", "over-bytes", "not-image", "gif", "truncated", "tiny"],
+)
+def test_file_checks_come_before_looking_for_a_face(
+    data: bytes, exc_type: type[PhotoRejected], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("face detection ran on a photo that should have been refused")
+
+    monkeypatch.setattr("core.photos.detect_faces", must_not_run)
+    err = rejected(exc_type, data, "upload.png")
+    assert "reason" not in err.extra
 
 
 @pytest.mark.parametrize(
@@ -318,7 +369,7 @@ def test_over_max_bytes_is_too_large() -> None:
     limits = dataclasses.replace(LIMITS, max_bytes=len(data) - 1)
     err = rejected(PhotoTooLarge, data, "heavy.png", limits)
     assert str(limits.max_bytes) in err.detail
-    normalize_photo(data, "heavy.png", dataclasses.replace(limits, max_bytes=len(data)))
+    clean_photo(data, "heavy.png", dataclasses.replace(limits, max_bytes=len(data)))
 
 
 def test_empty_file_is_rejected() -> None:
@@ -330,7 +381,7 @@ def test_tiny_photo_is_rejected() -> None:
     side = LIMITS.min_side
     err = rejected(PhotoRejected, encode(picture((side * 4, side - 1)), "PNG"), "tiny.png")
     assert "too small" in err.detail
-    normalize_photo(encode(picture((side, side)), "PNG"), "ok.png", LIMITS)
+    clean_photo(encode(picture((side, side)), "PNG"), "ok.png", LIMITS)
 
 
 # --- photo count --------------------------------------------------------------------
@@ -347,7 +398,10 @@ def test_photo_count_bounds() -> None:
 
 
 def test_limits_come_from_settings() -> None:
-    s = Settings(min_photos=2, max_photos=5, stored_photo_side=512)
+    s = Settings(
+        min_photos=2, max_photos=5, stored_photo_side=512, min_face_fraction=0.2, face_crop_scale=2
+    )
     limits = PhotoLimits.from_settings(s)
     assert (limits.min_count, limits.max_count, limits.stored_side) == (2, 5, 512)
     assert limits.max_pixels == s.max_photo_pixels
+    assert (limits.min_face_fraction, limits.face_crop_scale) == (0.2, 2.0)

@@ -1,0 +1,268 @@
+"""How long switching a user's LoRA takes on an SD 1.5-sized pipeline, every way.
+
+One process, one SD 1.5-shaped pipeline with random weights (bench/sd15_checkpoint.py:
+SD 1.5's published UNet, VAE and CLIP text encoder configs, saved once with
+``save_pretrained`` under var/bench/, so ``from_pretrained`` reads a real 4 GB
+checkpoint), 16 random rank-4 LoRAs on the UNet attention projections (the keys
+and shapes training exports), and side by side:
+
+  (a) a resident adapter: ``LoraCache`` switch among 8 resident (and stock
+      ``pipe.set_adapters`` among the same 8, for reference);
+  (b) from host RAM: the cache's default, a copy into the least recently used
+      slot; and the brief's stock way, ``delete_adapters`` + ``load_lora_weights``
+      from the state dict;
+  (c) from host RAM with ``load_lora_weights(..., hotswap=True)`` (the compile path);
+  (d) from a safetensors file on disk: stock ``load_lora_weights(dir, weight_name)``,
+      and the file's bytes through the cache (read, sha256, parse, copy);
+  (e) reloading the whole pipeline (``from_pretrained``, and with its weights touched
+      once, since safetensors maps the file and pages it in on first use).
+
+    .venv/bin/python -m bench.lora_switch [--repeats 15] [--reloads 3]
+
+Prints a table and writes bench/results/lora_switch.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+from core.ml_runtime import offline_quiet_env
+
+offline_quiet_env()
+
+import diffusers  # noqa: E402
+import peft  # noqa: E402
+import torch  # noqa: E402
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (  # noqa: E402
+    StableDiffusionPipeline,
+)
+from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+from safetensors.torch import save  # noqa: E402
+
+from bench.sd15_checkpoint import DEFAULT_PATH, build  # noqa: E402
+from core.ml.lora_cache import LoraCache, LoraWeights, SwapMode  # noqa: E402
+from core.ml.pipeline import load_pipeline  # noqa: E402
+from core.ml.profiles import SD1_ATTENTION_MODULES  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RANK = 4
+RESIDENT = 8
+LORAS = 16
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def make_loras(pipe: StableDiffusionPipeline, count: int) -> list[LoraWeights]:
+    """Random LoRAs with the keys and shapes of a rank-4 attention LoRA, as bytes."""
+    config = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(SD1_ATTENTION_MODULES))
+    pipe.unet.add_adapter(config, adapter_name="shape")
+    try:
+        peft_state = get_peft_model_state_dict(pipe.unet, adapter_name="shape")
+        shapes = {
+            f"unet.{k}": v.shape for k, v in convert_state_dict_to_diffusers(peft_state).items()
+        }
+    finally:
+        pipe.unload_lora_weights()
+    generator = torch.Generator().manual_seed(0)
+    return [
+        LoraWeights.of(
+            save({k: torch.randn(s, generator=generator) * 0.01 for k, s in shapes.items()})
+        )
+        for _ in range(count)
+    ]
+
+
+def cache_switches(
+    pipe: StableDiffusionPipeline,
+    loras: list[LoraWeights],
+    swap: SwapMode,
+    repeats: int,
+    resident_only: bool,
+) -> list[float]:
+    """Switch times through a LoraCache holding RESIDENT adapters, every LoRA in host RAM.
+
+    resident_only: cycle among the resident ones (tier-1 hits); else cycle through
+    all LORAS, so each switch brings in one that is not resident (tier-2 hits).
+    """
+    cache = LoraCache(pipe, max_resident=RESIDENT, max_host_bytes=1 << 30, swap=swap)
+    for lora in loras:  # parse all into host RAM; the last RESIDENT stay resident
+        cache.activate(lora)
+    pool = loras[-RESIDENT:] if resident_only else loras
+    times = []
+    for i in range(repeats):
+        lora = pool[i % len(pool)]
+        times.append(timed(partial(cache.activate, lora)))
+    if resident_only:
+        assert cache.stats.resident_hits >= repeats
+    else:
+        assert cache.stats.host_hits >= repeats and cache.stats.parsed == len(loras)
+    cache.clear()
+    return times
+
+
+def stock_set_adapters(
+    pipe: StableDiffusionPipeline, loras: list[LoraWeights], repeats: int
+) -> list[float]:
+    cache = LoraCache(pipe, max_resident=RESIDENT, swap="load")
+    names = [cache.activate(lora) for lora in loras[:RESIDENT]]
+    times = [timed(partial(pipe.set_adapters, [names[i % RESIDENT]])) for i in range(repeats)]
+    cache.clear()
+    return times
+
+
+def from_file_stock(pipe: StableDiffusionPipeline, files: list[Path], repeats: int) -> list[float]:
+    times = []
+    for i in range(repeats + 1):
+        path = files[i % len(files)]
+        load = partial(
+            pipe.load_lora_weights, str(path.parent), weight_name=path.name, adapter_name="disk"
+        )
+        took = timed(load)
+        pipe.unload_lora_weights()
+        if i:  # the first read of a file is a cold one
+            times.append(took)
+    return times
+
+
+def from_file_cache(pipe: StableDiffusionPipeline, files: list[Path], repeats: int) -> list[float]:
+    cache = LoraCache(pipe, max_resident=RESIDENT, max_host_bytes=0)  # nothing kept in RAM
+    for path in files[:RESIDENT]:
+        cache.activate(LoraWeights.of(path.read_bytes()))
+
+    def switch(path: Path) -> None:
+        data = path.read_bytes()
+        cache.activate(LoraWeights(hashlib.sha256(data).hexdigest(), data))
+
+    # Cycling through all LORAS files with RESIDENT slots: never resident when asked.
+    times = []
+    for i in range(repeats):
+        path = files[(RESIDENT + i) % len(files)]
+        times.append(timed(partial(switch, path)))
+    assert cache.stats.resident_hits == 0
+    cache.clear()
+    return times
+
+
+def reloads(path: Path, repeats: int) -> tuple[list[float], list[float]]:
+    bare, touched = [], []
+    for _ in range(repeats):
+        gc.collect()
+        started = time.perf_counter()
+        pipe = load_pipeline(path, "cpu", "float32")
+        bare.append(time.perf_counter() - started)
+        with torch.no_grad():
+            for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+                for param in module.parameters():
+                    param.sum()
+        touched.append(time.perf_counter() - started)
+        del pipe
+    gc.collect()
+    return bare, touched
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.lora_switch")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--reloads", type=int, default=3)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_PATH)
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()
+    checkpoint = build(args.checkpoint)
+    pipe = load_pipeline(checkpoint, "cpu", "float32")
+    loras = make_loras(pipe, LORAS)
+    lora_bytes = len(loras[0].data or b"")
+    runs: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(dir=checkpoint.parent) as folder:
+        files = []
+        for index, lora in enumerate(loras):
+            files.append(Path(folder) / f"lora_{index}.safetensors")
+            files[-1].write_bytes(lora.data or b"")
+        runs["(e) full reload: from_pretrained"], runs["(e) reload + weights paged in"] = reloads(
+            checkpoint, args.reloads
+        )
+        runs["(a) resident: cache switch among 8"] = cache_switches(
+            pipe, loras, "copy", args.repeats, resident_only=True
+        )
+        runs["(a) resident: stock pipe.set_adapters among 8"] = stock_set_adapters(
+            pipe, loras, args.repeats
+        )
+        runs["(b) host RAM: cache, copy into LRU slot"] = cache_switches(
+            pipe, loras, "copy", args.repeats, resident_only=False
+        )
+        runs["(b) host RAM: delete_adapters + load_lora_weights"] = cache_switches(
+            pipe, loras, "load", args.repeats, resident_only=False
+        )
+        runs["(c) host RAM: load_lora_weights(hotswap=True)"] = cache_switches(
+            pipe, loras, "hotswap", args.repeats, resident_only=False
+        )
+        runs["(d) disk: stock load_lora_weights(file)"] = from_file_stock(pipe, files, args.repeats)
+        runs["(d) disk: file bytes through the cache"] = from_file_cache(pipe, files, args.repeats)
+    load_after = os.getloadavg()
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    reload = statistics.median(runs["(e) full reload: from_pretrained"])
+    medians = {name: statistics.median(times) for name, times in runs.items()}
+    print(
+        f"\nLoRA switch on an SD 1.5-shaped pipeline (CPU, fp32, torch threads "
+        f"{torch.get_num_threads()}), rank-{RANK} attention LoRA of {lora_bytes / 1e6:.1f} MB, "
+        f"median of {args.repeats} ({args.reloads} for reloads)\n"
+    )
+    print(f"{'way':<52}{'ms':>10}{'vs reload':>11}{'speed-up':>10}")
+    for name, median in medians.items():
+        speed_up = reload / median
+        digits = 0 if speed_up >= 10 else 1
+        print(f"{name:<52}{median * 1000:>10.2f}{median / reload:>11.4f}{speed_up:>9.{digits}f}x")
+    print(f"\npeak RSS {peak_rss_gib:.1f} GiB; load average {load_before[0]:.1f} before, "
+          f"{load_after[0]:.1f} after")  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "lora_switch.json"
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "lora_switch",
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "machine": platform.machine(),
+                "processor": platform.processor(),
+                "cpus": os.cpu_count(),
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+                "diffusers": diffusers.__version__,
+                "peft": peft.__version__,
+                "checkpoint": str(checkpoint),
+                "lora_rank": RANK,
+                "lora_bytes": lora_bytes,
+                "resident": RESIDENT,
+                "loras": LORAS,
+                "peak_rss_gib": round(peak_rss_gib, 2),
+                "load_average_before_after": [load_before[0], load_after[0]],
+                "median_s": medians,
+                "runs_s": runs,
+            },
+            indent=2,
+        )
+    )
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The LoRA adapters of a training run: added to the shared pipeline, exported in
+the file format stock diffusers loads, and removed again without a trace."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
+
+    from core.ml.train import TrainParams
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# LoRA init as diffusers' DreamBooth script: A gaussian, B zero (adapter starts as identity).
+LORA_INIT: Literal["gaussian"] = "gaussian"
+
+
+@dataclass(frozen=True)
+class _ModuleState:
+    """Train/eval mode of every submodule and requires_grad of every parameter."""
+
+    modes: dict[str, bool]
+    grads: dict[str, bool]
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> _ModuleState:
+        modes = {name: sub.training for name, sub in module.named_modules()}
+        grads = {name: param.requires_grad for name, param in module.named_parameters()}
+        return cls(modes, grads)
+
+    def restore(self, module: torch.nn.Module) -> None:
+        for name, sub in module.named_modules():
+            if name in self.modes:
+                sub.training = self.modes[name]
+        for name, param in module.named_parameters():
+            param.requires_grad_(self.grads.get(name, False))
+
+
+@contextmanager
+def restored(pipe: StableDiffusionPipeline) -> Iterator[None]:
+    """Undo everything training does to the pipeline, even on error or cancel."""
+    modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    saved = {name: _ModuleState.of(module) for name, module in modules.items()}
+    checkpointing = pipe.unet.is_gradient_checkpointing
+    peft_flag = getattr(pipe.text_encoder, "_hf_peft_config_loaded", False)
+    try:
+        yield
+    finally:
+        if pipe.unet.is_gradient_checkpointing and not checkpointing:
+            pipe.unet.disable_gradient_checkpointing()
+        # Removes the peft wrappers themselves, not only the adapter weights, so the
+        # modules and state-dict keys are the original ones again (text encoder too).
+        pipe.unload_lora_weights()
+        pipe.text_encoder._hf_peft_config_loaded = peft_flag
+        for name, module in modules.items():
+            saved[name].restore(module)
+
+
+def add_adapters(
+    pipe: StableDiffusionPipeline, params: TrainParams, adapter: str
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """Add the LoRA adapters; return the trainable parameters, named by component."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets: dict[str, tuple[Any, tuple[str, ...]]] = {"unet": (pipe.unet, params.target_modules)}
+    if params.train_text_encoder:
+        targets["text_encoder"] = (pipe.text_encoder, params.text_encoder_target_modules)
+    device = pipe.unet.device
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    # peft initialises the new weights from torch's global RNG: seed it locally.
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(params.seed)
+        for module, modules in targets.values():
+            config = LoraConfig(
+                r=params.rank,
+                lora_alpha=params.alpha,
+                init_lora_weights=LORA_INIT,
+                target_modules=list(modules),
+            )
+            if module is pipe.unet:
+                module.add_adapter(config, adapter_name=adapter)
+            else:
+                # peft directly: transformers' add_adapter wants a newer peft than
+                # diffusers supports; diffusers' own loader injects the same way.
+                inject_adapter_in_model(config, module, adapter_name=adapter)
+    # Named without the adapter's run-unique name, so another run's snapshot matches.
+    trainable = [
+        (f"{component}.{name}".replace(f".{adapter}.", "."), param)
+        for component, (module, _) in targets.items()
+        for name, param in module.named_parameters()
+        if param.requires_grad
+    ]
+    for _, param in trainable:
+        # Optimizer state and updates in fp32 even when the base model is half precision.
+        param.data = param.data.float()
+    return trainable
+
+
+def _lora_layers(module: torch.nn.Module, adapter: str, scale: float) -> dict[str, Any]:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(module, adapter_name=adapter)
+    folded = {
+        key: (value * scale if ".lora_B." in key else value)
+        .detach()
+        .to("cpu", torch.float32)
+        .contiguous()
+        for key, value in state.items()
+    }
+    return dict(convert_state_dict_to_diffusers(folded))
+
+
+def export_lora(pipe: StableDiffusionPipeline, adapter: str, params: TrainParams) -> bytes:
+    """The adapters as one diffusers LoRA safetensors file (keys "unet." and, when
+    the text encoder trained, "text_encoder."), alpha folded into lora_B.
+
+    Diffusers' file format has no alpha unless a metadata header carries it, and a
+    state dict loaded from bytes loses that header; a loader then assumes
+    alpha == rank. Scaling lora_B by alpha / rank makes any loader apply it right.
+    """
+    scale = params.alpha / params.rank
+    layers: dict[str, Any] = {"unet_lora_layers": _lora_layers(pipe.unet, adapter, scale)}
+    if params.train_text_encoder:
+        layers["text_encoder_lora_layers"] = _lora_layers(pipe.text_encoder, adapter, scale)
+    with tempfile.TemporaryDirectory(prefix="atelier-lora-") as folder:
+        # The pipeline class's own writer: the file layout its load_lora_weights reads.
+        type(pipe).save_lora_weights(folder, weight_name=LORA_WEIGHT_NAME, **layers)
+        return (Path(folder) / LORA_WEIGHT_NAME).read_bytes()
