@@ -28,7 +28,7 @@ async def run_generation(ctx: JobContext) -> JobResult:
         raise Conflict(f"subject {subject.id} has no LoRA for profile {profile.name}")
     lora = await ctx.store.get(lora_row.blob_key)
     pipe = await ctx.compute(resident_pipeline, ctx.settings, profile)
-    cache = resident_lora_cache(pipe, profile)
+    cache = resident_lora_cache(ctx.settings, pipe, profile)
     ctx.raise_if_stopped()
 
     # Jobs created before width/height/scheduler existed lack them: the defaults.

@@ -7,7 +7,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from core.settings import Settings
+from core.settings import MiB, Settings
 
 if TYPE_CHECKING:
     from core.ml.profiles import Profile
@@ -15,21 +15,6 @@ if TYPE_CHECKING:
 _resident: Any = None
 _lora_caches: dict[int, Any] = {}
 _lora_caches_guard = threading.Lock()
-
-# LoRA cache sizing and torch.compile, module constants until core/settings.py
-# grows ATELIER_LORA_RESIDENT / ATELIER_LORA_HOST_MIB / ATELIER_COMPILE.
-# Resident adapters cost their weights in device memory (SD 1.5 rank 8 on the
-# attention projections: 6.4 MB in fp32) and make every later adapter load a
-# little slower (peft walks all adapters); switching among them costs ~0.2 ms.
-LORA_MAX_RESIDENT = 4
-# Parsed LoRAs kept in host RAM: 512 MiB is ~80 SD 1.5 rank-8 LoRAs.
-LORA_MAX_HOST_BYTES = 512 * 1024 * 1024
-# torch.compile the UNet and switch LoRAs by hotswapping them into one adapter
-# slot (load_lora_weights(..., hotswap=True): no recompilation per user). Off:
-# compiling costs minutes at the first generation and pays off on GPUs; see
-# core/ml/lora_cache.py.
-COMPILE_UNET = False
-
 
 def offline_quiet_env() -> None:
     """Call before importing diffusers/transformers: weights are only ever read from
@@ -52,7 +37,7 @@ def resident_pipeline(settings: Settings, profile: Profile) -> Any:
     return _resident.get(path, settings.device, settings.dtype)
 
 
-def resident_lora_cache(pipe: Any, profile: Profile) -> Any:
+def resident_lora_cache(settings: Settings, pipe: Any, profile: Profile) -> Any:
     """The ``LoraCache`` of a resident pipeline (created on first use)."""
     from core.ml.lora_cache import LoraCache
 
@@ -61,9 +46,10 @@ def resident_lora_cache(pipe: Any, profile: Profile) -> Any:
         if cache is None or cache.pipe is not pipe:
             cache = LoraCache(
                 pipe,
-                max_resident=1 if COMPILE_UNET else LORA_MAX_RESIDENT,
-                max_host_bytes=LORA_MAX_HOST_BYTES,
-                compile=COMPILE_UNET,
+                # A compiled UNet hotswaps every user into one adapter slot.
+                max_resident=1 if settings.compile_unet else settings.lora_max_resident,
+                max_host_bytes=settings.lora_host_mib * MiB,
+                compile=settings.compile_unet,
                 target_rank=profile.lora_rank,
             )
             _lora_caches[id(pipe)] = cache

@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # Steps for a training job when the request does not say (0 = the profile's).
     train_steps: int = Field(0, ge=0)
+    # LoRA cache of a worker: adapters resident in the pipeline (each costs its
+    # weights in device memory, SD 1.5 rank 8: 6.4 MB fp32; switching among them
+    # ~0.2 ms) and parsed LoRAs in host RAM (512 MiB is ~80 SD 1.5 rank-8 LoRAs).
+    lora_max_resident: int = Field(4, ge=1)
+    lora_host_mib: int = Field(512, ge=0)
+    # torch.compile the UNet and hotswap LoRAs into one slot (no recompilation per
+    # user). Compiling costs minutes at the first generation; it pays off on GPUs.
+    compile_unet: bool = False
     # Threads torch may use in a worker (0 = torch's default).
     torch_threads: int = Field(0, ge=0)
     # Training recipe overrides; None = the profile's value (core/ml/profiles.py).

@@ -45,6 +45,7 @@ from core.ml.pipeline import load_pipeline
 from core.ml.profiles import get_profile
 from core.ml.train import TrainParams, train_dreambooth_lora
 from core.ml_runtime import forget_resident_loras, resident_lora_cache
+from core.settings import Settings
 
 TINY = get_profile("tiny")
 StateDict = dict[str, torch.Tensor]
@@ -514,9 +515,11 @@ def test_a_cache_serves_one_pipeline(
 def test_runtime_keeps_one_cache_per_pipeline(
     pipe: StableDiffusionPipeline, pristine: StableDiffusionPipeline, loras: list[LoraWeights]
 ) -> None:
-    cache = resident_lora_cache(pipe, TINY)
-    assert resident_lora_cache(pipe, TINY) is cache
-    assert resident_lora_cache(pristine, TINY) is not cache
+    settings = Settings(lora_max_resident=3)
+    cache = resident_lora_cache(settings, pipe, TINY)
+    assert resident_lora_cache(settings, pipe, TINY) is cache
+    assert resident_lora_cache(settings, pristine, TINY) is not cache
+    assert cache.max_resident == 3
     cache.activate(loras[0])
     forget_resident_loras(pipe)
     assert cache.resident() == [] and adapters(pipe) == []
