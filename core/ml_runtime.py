@@ -16,6 +16,7 @@ _resident: Any = None
 _lora_caches: dict[int, Any] = {}
 _lora_caches_guard = threading.Lock()
 
+
 def offline_quiet_env() -> None:
     """Call before importing diffusers/transformers: weights are only ever read from
     local files, and the console shows job progress, not library progress bars."""
