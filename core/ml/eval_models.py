@@ -176,14 +176,16 @@ def _batched_embeddings(
 
 
 @dataclass
-class DinoEncoder:
+class ImageEncoder:
+    """A vision model whose forward pass is the embedding: DINO's [CLS] token after
+    the final norm (n, 384), or Inception-v3's pool3 features (n, 2048)."""
+
     model: nn.Module
     transform: Callable[[Image.Image], torch.Tensor]
     device: str
     batch_size: int
 
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """The [CLS] embedding (after the final norm) of each image: (n, 384)."""
         return _batched_embeddings(images, self.transform, self.model, self.batch_size, self.device)
 
 
@@ -207,18 +209,6 @@ class ClipEncoder:
                 tokens = self.tokenizer(list(texts[start : start + self.batch_size]))
                 out.append(self.model.encode_text(tokens.to(self.device)).float().cpu())
         return torch.cat(out)
-
-
-@dataclass
-class InceptionEncoder:
-    model: nn.Module
-    transform: Callable[[Image.Image], torch.Tensor]
-    device: str
-    batch_size: int
-
-    def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Pool3 features (the 2048-d global average pool before the classifier)."""
-        return _batched_embeddings(images, self.transform, self.model, self.batch_size, self.device)
 
 
 def _env_path(environ: Mapping[str, str], name: str) -> Path | None:
@@ -290,19 +280,19 @@ class MetricModels:
             self._loaded[name] = build()
         return self._loaded[name]
 
-    def dino(self) -> DinoEncoder:
-        encoder: DinoEncoder = self._cached("dino", self._build_dino)
+    def dino(self) -> ImageEncoder:
+        encoder: ImageEncoder = self._cached("dino", self._build_dino)
         return encoder
 
     def clip(self) -> ClipEncoder:
         encoder: ClipEncoder = self._cached("clip", self._build_clip)
         return encoder
 
-    def inception(self) -> InceptionEncoder:
-        encoder: InceptionEncoder = self._cached("inception", self._build_inception)
+    def inception(self) -> ImageEncoder:
+        encoder: ImageEncoder = self._cached("inception", self._build_inception)
         return encoder
 
-    def _build_dino(self) -> DinoEncoder:
+    def _build_dino(self) -> ImageEncoder:
         import timm
         from timm.data import create_transform, resolve_data_config
         from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -320,7 +310,7 @@ class MetricModels:
             _load_strict(model, state, "DINO ViT-S/16", path)
         model.eval().to(self.device)
         transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
-        return DinoEncoder(model, transform, self.device, self.batch_size)
+        return ImageEncoder(model, transform, self.device, self.batch_size)
 
     def _build_clip(self) -> ClipEncoder:
         import open_clip
@@ -350,7 +340,7 @@ class MetricModels:
         tokenizer = open_clip.get_tokenizer(self.clip_model)
         return ClipEncoder(model, transform, tokenizer, self.device, self.batch_size)
 
-    def _build_inception(self) -> InceptionEncoder:
+    def _build_inception(self) -> ImageEncoder:
         from torchvision import transforms
         from torchvision.models import inception_v3
 
@@ -392,4 +382,4 @@ class MetricModels:
                 transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
             ]
         )
-        return InceptionEncoder(model, transform, self.device, self.batch_size)
+        return ImageEncoder(model, transform, self.device, self.batch_size)
