@@ -22,17 +22,16 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.results_file import write_result
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 PHOTOS = sorted((ROOT / "demo" / "sample_subject").glob("*.jpg"))
 INSTANCE_PROMPT = "a photo of sks person"
 CLASS_PROMPT = "a photo of person"
@@ -174,19 +173,14 @@ def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> N
     print(f"{'peak RSS GiB':<16}{ref['peak_rss_bytes'] / gib:>12.2f}"
           f"{ours['peak_rss_bytes'] / gib:>12.2f}"
           f"{ours['peak_rss_bytes'] / ref['peak_rss_bytes']:>13.2f}")  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "dreambooth_vs_reference.json"
-    record = {
-        "benchmark": "dreambooth_vs_reference",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "settings": {k: str(v) for k, v in vars(args).items()},
-        "median": med,
-        "runs": runs,
-    }
-    out.write_text(json.dumps(record, indent=2))
-    print(f"\nwrote {out}")
+    write_result(
+        "dreambooth_vs_reference",
+        {
+            "settings": {k: str(v) for k, v in vars(args).items()},
+            "median": med,
+            "runs": runs,
+        },
+    )
 
 
 if __name__ == "__main__":

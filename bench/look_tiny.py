@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import statistics
 import time
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import datetime
 from typing import Any
 
 import httpx
 from PIL import Image
 
+from bench.results_file import write_result
 from core.ml_runtime import offline_quiet_env
 
 offline_quiet_env()
@@ -45,7 +42,6 @@ from core.ml.train import TrainParams, train_dreambooth_lora  # noqa: E402
 from core.settings import get_settings  # noqa: E402
 from demo.__main__ import PHOTOS, Stack, _new_key, _wait_healthy  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "a Harry Potter costume"
 # How often the client polls a job, as a web frontend would.
 POLL_S = 0.5
@@ -159,24 +155,15 @@ def report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace) ->
             print(f"{name:<18}{value:>10.2f}{direct:>10.2f}{value / direct:>14.2f}")
         else:
             print(f"{name:<18}{value:>10.2f}{'-':>10}{'-':>14}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "look_tiny.json"
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "look_tiny",
-                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                "cpus": os.cpu_count(),
-                "steps": args.steps,
-                "repeats": args.repeats,
-                "median": med,
-                "runs": runs,
-            },
-            indent=2,
-        )
+    write_result(
+        "look_tiny",
+        {
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "median": med,
+            "runs": runs,
+        },
     )
-    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

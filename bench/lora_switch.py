@@ -27,18 +27,16 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import json
 import os
-import platform
 import resource
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+from bench.results_file import write_result
 from core.ml_runtime import offline_quiet_env
 
 offline_quiet_env()
@@ -59,7 +57,6 @@ from core.ml.lora_cache import LoraCache, LoraWeights, SwapMode  # noqa: E402
 from core.ml.pipeline import load_pipeline  # noqa: E402
 from core.ml.profiles import SD1_ATTENTION_MODULES  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RANK = 4
 RESIDENT = 8
 LORAS = 16
@@ -234,34 +231,24 @@ def main() -> None:
         print(f"{name:<52}{median * 1000:>10.2f}{median / reload:>11.4f}{speed_up:>9.{digits}f}x")
     print(f"\npeak RSS {peak_rss_gib:.1f} GiB; load average {load_before[0]:.1f} before, "
           f"{load_after[0]:.1f} after")  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "lora_switch.json"
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "lora_switch",
-                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": platform.machine(),
-                "processor": platform.processor(),
-                "cpus": os.cpu_count(),
-                "torch": torch.__version__,
-                "torch_threads": torch.get_num_threads(),
-                "diffusers": diffusers.__version__,
-                "peft": peft.__version__,
-                "checkpoint": str(checkpoint),
-                "lora_rank": RANK,
-                "lora_bytes": lora_bytes,
-                "resident": RESIDENT,
-                "loras": LORAS,
-                "peak_rss_gib": round(peak_rss_gib, 2),
-                "load_average_before_after": [load_before[0], load_after[0]],
-                "median_s": medians,
-                "runs_s": runs,
-            },
-            indent=2,
-        )
+    write_result(
+        "lora_switch",
+        {
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "diffusers": diffusers.__version__,
+            "peft": peft.__version__,
+            "checkpoint": str(checkpoint),
+            "lora_rank": RANK,
+            "lora_bytes": lora_bytes,
+            "resident": RESIDENT,
+            "loras": LORAS,
+            "peak_rss_gib": round(peak_rss_gib, 2),
+            "load_average_before_after": [load_before[0], load_after[0]],
+            "median_s": medians,
+            "runs_s": runs,
+        },
     )
-    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

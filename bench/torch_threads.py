@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import statistics
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.results_file import write_result
 from core.ml_runtime import offline_quiet_env
 
 offline_quiet_env()
@@ -36,7 +33,6 @@ from core.ml.train import TrainParams, train_dreambooth_lora  # noqa: E402
 from core.settings import get_settings  # noqa: E402
 
 PHOTOS = sorted((Path(__file__).resolve().parent.parent / "demo" / "sample_subject").glob("*.jpg"))
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def on_thread(fn: Callable[[], float], torch_threads: int | None = None) -> float:
@@ -92,23 +88,14 @@ def main() -> None:
     for name, times in runs.items():
         med = statistics.median(times)
         print(f"{name:<28}{med:>9.2f}{med / base:>9.2f}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "torch_threads.json"
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "torch_threads",
-                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": platform.machine(),
-                "cpus": os.cpu_count(),
-                "torch": torch.__version__,
-                "steps": args.steps,
-                "runs": runs,
-            },
-            indent=2,
-        )
+    write_result(
+        "torch_threads",
+        {
+            "torch": torch.__version__,
+            "steps": args.steps,
+            "runs": runs,
+        },
     )
-    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
