@@ -17,7 +17,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core import jobs
 from core.db.models import Job, JobKind, Output
-from core.errors import InvalidInput
+from core.errors import InvalidInput, NotFound
 from core.ml.profiles import get_profile
 from core.settings import Settings
 from core.subjects import get_subject, latest_lora
@@ -185,8 +185,6 @@ async def job_outputs(session: AsyncSession, job_id: uuid.UUID) -> list[Output]:
 
 
 async def get_output(session: AsyncSession, account_id: uuid.UUID, output_id: uuid.UUID) -> Output:
-    from core.errors import NotFound
-
     output = await session.get(Output, output_id)
     if output is None or output.account_id != account_id:
         raise NotFound(f"output {output_id} not found")

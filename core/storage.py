@@ -18,6 +18,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Final, Protocol
 
+from core.errors import NotFound
 from core.settings import Settings
 
 _FORBIDDEN_SEGMENTS: Final = frozenset({"", ".", ".."})
@@ -28,9 +29,11 @@ _PUT_ATTEMPTS: Final = 3
 _TEMP_SUFFIX: Final = ".tmp"
 
 
-class BlobNotFound(Exception):
+class BlobNotFound(NotFound):
+    """A row points at bytes that are gone: the API answers 404, a job fails for good."""
+
     def __init__(self, key: str) -> None:
-        super().__init__(f"no blob at {key!r}")
+        super().__init__("the stored file is missing")
         self.key = key
 
 
