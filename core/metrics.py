@@ -42,3 +42,22 @@ JOBS_REAPED = Counter(
 JOBS_REENQUEUED = Counter(
     "atelier_jobs_reenqueued_total", "Scheduled jobs re-sent because their message was lost"
 )
+
+# --- catalog crawler (exported by the CPU worker, or the CLI's process) --------------
+_CRAWL_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+CRAWL_PAGES = Counter(
+    "atelier_crawl_pages_total", "Pages fetched by the crawler, by site and HTTP status",
+    ["site", "status"],
+)  # fmt: skip
+CRAWL_PRODUCTS = Counter(
+    "atelier_crawl_products_total", "Products seen by a crawl, by site and change kind",
+    ["site", "change"],
+)  # fmt: skip
+CRAWL_ERRORS = Counter(
+    "atelier_crawl_errors_total", "Crawl errors, by site and kind", ["site", "kind"]
+)
+CRAWL_BYTES = Counter("atelier_crawl_bytes_total", "Bytes downloaded by the crawler", ["site"])
+CRAWL_DURATION = Histogram(
+    "atelier_crawl_duration_seconds", "Duration of whole crawls, by site and outcome",
+    ["site", "outcome"], buckets=_CRAWL_BUCKETS,
+)  # fmt: skip

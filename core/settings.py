@@ -93,6 +93,34 @@ class Settings(BaseSettings):
     # Hard limit arq enforces on one task; our own heartbeat catches dead workers.
     job_timeout_s: int = 6 * 3600
 
+    # --- catalog crawler ------------------------------------------------------------
+    # Site entries (TOML, one per site) the crawler knows; see core/catalog/sites/.
+    sites_dir: Path = Path(__file__).resolve().parent / "catalog" / "sites"
+    # Sites the periodic crawl visits, and how often (0 = no periodic crawl).
+    crawl_sites: list[str] = Field(default_factory=list)
+    crawl_period_s: int = Field(6 * 3600, ge=0)
+    # Overrides a site entry's base URL, e.g. the fixture shop's port in the demo:
+    # ATELIER_CRAWL_BASE_URLS='{"fixture": "http://127.0.0.1:8710"}'.
+    crawl_base_urls: dict[str, str] = Field(default_factory=dict)
+    crawl_user_agent: str = "atelier-catalog-bot/0.1 (+https://github.com/atelier/atelier)"
+    # Politeness: requests in flight per host, and the adaptive delay's bounds
+    # (AutoThrottle-style: the delay tracks latency / target concurrency).
+    crawl_concurrency_per_host: int = Field(8, ge=1)
+    crawl_target_concurrency: float = Field(8.0, gt=0)
+    crawl_min_delay_s: float = Field(0.0, ge=0)
+    crawl_max_delay_s: float = Field(30.0, ge=0)
+    crawl_timeout_s: float = Field(30.0, gt=0)
+    crawl_retries: int = Field(3, ge=0)
+    crawl_backoff_s: float = Field(0.5, ge=0)  # first retry's delay; doubles, with jitter
+    # Caps, before and after decompression.
+    crawl_max_page_bytes: int = 5 * MiB
+    crawl_max_image_bytes: int = 20 * MiB
+    crawl_images_per_product: int = Field(5, ge=1)
+    # Catalog images are padded onto a square of this side.
+    catalog_image_side: int = 512
+    # The CPU worker's Prometheus port (0 = off).
+    cpu_worker_metrics_port: int = 9103
+
 
 @lru_cache
 def get_settings() -> Settings:

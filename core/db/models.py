@@ -60,11 +60,14 @@ ACTIVE = frozenset({JobStatus.queued, JobStatus.scheduled, JobStatus.running})
 class JobKind(StrEnum):
     train = "train"
     generate = "generate"
+    crawl = "crawl"  # a catalog crawl of one site, on a CPU worker
 
 
 class Account(SQLModel, table=True):
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     name: str
+    # Operators: may start crawls and other /v1/admin actions.
+    is_admin: bool = False
     created_at: datetime = _created()
 
 
