@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     crawl_max_page_bytes: int = 5 * MiB
     crawl_max_image_bytes: int = 20 * MiB
     crawl_images_per_product: int = Field(5, ge=1)
+    # Download and pad product images (off only for benchmarks of page crawling).
+    crawl_images: bool = True
     # Catalog images are padded onto a square of this side.
     catalog_image_side: int = 512
     # The CPU worker's Prometheus port (0 = off).
