@@ -1,0 +1,245 @@
+"""Product images: checked, stored once per content, padded onto a square.
+
+Shops photograph garments on every aspect ratio; models downstream (CLIP,
+training) want squares. Cropping would cut sleeves and hems off, so the image is
+scaled to fit and padded with its own background colour, taken from its border:
+a packshot on light grey stays on light grey, not inside a white frame.
+
+Every image is untrusted bytes from the internet. It is opened by Pillow's
+signature check, refused on its header when it declares more pixels than
+allowed (a decompression bomb is never expanded), verified, then fully decoded;
+any failure is a ``CatalogImageError`` the crawler counts and moves past.
+
+Identity is the sha256 of the downloaded bytes: the same picture used by ten
+products (or crawled ten times) is one ``catalog_image`` row and one pair of
+blobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import uuid
+from dataclasses import dataclass
+from typing import Final
+
+from PIL import Image, ImageChops, ImageFile, ImageOps, ImageStat, UnidentifiedImageError
+from sqlalchemy import delete
+from sqlalchemy.dialects.postgresql import insert
+from sqlmodel import col
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.db.catalog_models import CatalogImage, ProductImage
+from core.storage import BlobStore
+
+# Formats a shop's product image may come in, with the extension its original
+# is stored under. Pillow opens a JPEG with a multi-picture index as "MPO".
+_EXTENSIONS: Final = {
+    "JPEG": "jpg",
+    "MPO": "jpg",  # never asked for: the JPEG opener returns it
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "AVIF": "avif",
+}
+Image.init()
+_OPENERS: Final = [fmt for fmt in _EXTENSIONS if fmt in Image.OPEN]
+_MEDIA_TYPES: Final = {"MPO": "image/jpeg", "AVIF": "image/avif"}
+_WHITE: Final = (255, 255, 255)
+# The border is "uniform" when this share of its pixels lies within
+# _BORDER_TOLERANCE (per channel) of its median colour. Below that (a photo
+# bleeding to the edge, a busy backdrop) no colour is a fair guess: use white.
+_BORDER_UNIFORM_SHARE: Final = 0.9
+_BORDER_TOLERANCE: Final = 24
+
+
+class CatalogImageError(Exception):
+    """An image that cannot be used: undecodable, unsupported, too large, a bomb."""
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    media_type: str
+    extension: str
+    width: int
+    height: int
+    padded_png: bytes
+
+
+def original_key(sha256: str, extension: str) -> str:
+    return f"catalog/images/{sha256[:2]}/{sha256}.{extension}"
+
+
+def padded_key(sha256: str) -> str:
+    return f"catalog/padded/{sha256[:2]}/{sha256}.png"
+
+
+def pad_to_square(image: Image.Image, side: int) -> Image.Image:
+    """``image`` scaled to fit a ``side`` x ``side`` square and centred on it.
+
+    The aspect ratio is kept and no pixel of the image is cropped; the margins
+    take the border's colour (see ``border_colour``). RGB out, whatever came in.
+    """
+    if side < 1:
+        raise ValueError(f"side must be positive, got {side}")
+    rgb = _to_rgb(image)
+    scale = side / max(rgb.size)
+    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+    fitted = rgb if size == rgb.size else rgb.resize(size, Image.Resampling.LANCZOS)
+    square = Image.new("RGB", (side, side), border_colour(rgb))
+    square.paste(fitted, ((side - fitted.width) // 2, (side - fitted.height) // 2))
+    return square
+
+
+def border_colour(rgb: Image.Image) -> tuple[int, int, int]:
+    """The median colour of the outermost pixels, or white if they disagree."""
+    border = _border_strip(rgb)
+    r, g, b = (int(v) for v in ImageStat.Stat(border).median)
+    off = ImageChops.difference(border, Image.new("RGB", border.size, (r, g, b)))
+    # A pixel is "off" when any channel is further than the tolerance away.
+    far = [channel.point(lambda v: 255 if v > _BORDER_TOLERANCE else 0) for channel in off.split()]
+    off_count = ImageChops.lighter(ImageChops.lighter(far[0], far[1]), far[2]).histogram()[255]
+    if off_count > (1 - _BORDER_UNIFORM_SHARE) * border.width:
+        return _WHITE
+    return (r, g, b)
+
+
+def _border_strip(rgb: Image.Image) -> Image.Image:
+    """The four outermost rows and columns side by side, as one row of pixels."""
+    width, height = rgb.size
+    pieces = [
+        rgb.crop((0, 0, width, 1)),
+        rgb.crop((0, height - 1, width, height)),
+        rgb.crop((0, 0, 1, height)).transpose(Image.Transpose.TRANSPOSE),
+        rgb.crop((width - 1, 0, width, height)).transpose(Image.Transpose.TRANSPOSE),
+    ]
+    strip = Image.new("RGB", (2 * (width + height), 1))
+    x = 0
+    for piece in pieces:
+        strip.paste(piece, (x, 0))
+        x += piece.width
+    return strip
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; transparency flattened onto white (what a shop page shows)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):
+        # 16-bit greyscale: map 0..65535 onto 0..255 rather than clipping.
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, *, side: int, max_pixels: int) -> _Decoded:
+    """Check ``data`` and pad it; CPU-bound, run it off the event loop."""
+    if not data:
+        raise CatalogImageError("empty image")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # A process-wide Pillow flag some ML code sets; with it a cut-off
+        # download decodes "fine" with grey padding. Fail loudly instead.
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; refusing to decode")
+    image = _open_checked(data, max_pixels)
+    with image:
+        _verify(data, image.format or "")
+        try:
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise CatalogImageError("image dimensions are far over the pixel limit") from exc
+        except MemoryError:
+            raise
+        except Exception as exc:
+            # Pillow signals bad data with OSError, SyntaxError, ValueError, EOFError...
+            raise CatalogImageError(f"truncated or corrupt {image.format}: {exc}") from exc
+        fmt = str(image.format)
+        buf = io.BytesIO()
+        pad_to_square(upright, side).save(buf, format="PNG")
+    return _Decoded(
+        media_type=_MEDIA_TYPES.get(fmt) or Image.MIME.get(fmt, "application/octet-stream"),
+        extension=_EXTENSIONS[fmt],
+        width=upright.width,
+        height=upright.height,
+        padded_png=buf.getvalue(),
+    )
+
+
+def _open_checked(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
+    """Parse the header only, and refuse on what it declares."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=_OPENERS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise CatalogImageError("image dimensions are far over the pixel limit") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CatalogImageError("not an image in a supported format") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise CatalogImageError(f"{width}x{height} is over the limit of {max_pixels} pixels")
+    if width < 1 or height < 1:
+        image.close()
+        raise CatalogImageError(f"{width}x{height} has no pixels")
+    return image
+
+
+def _verify(data: bytes, fmt: str) -> None:
+    """Pillow's structural check (PNG chunk CRCs...); it needs a fresh image."""
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as image:
+            image.verify()
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise CatalogImageError(f"corrupt {fmt}: {exc}") from exc
+
+
+async def ingest_image(
+    session: AsyncSession, blobs: BlobStore, data: bytes, *, side: int, max_pixels: int
+) -> CatalogImage:
+    """The ``catalog_image`` row for ``data``, stored on first sight.
+
+    Raises CatalogImageError for bytes that are not a usable image. Safe to call
+    concurrently with the same bytes: blobs are content-addressed (the same key
+    gets the same bytes) and the row insert does nothing on a duplicate.
+    """
+    sha256 = hashlib.sha256(data).hexdigest()
+    existing = await session.get(CatalogImage, sha256)
+    if existing is not None:
+        return existing
+    decoded = await asyncio.to_thread(decode_image, data, side=side, max_pixels=max_pixels)
+    key = original_key(sha256, decoded.extension)
+    await blobs.put(key, data)
+    await blobs.put(padded_key(sha256), decoded.padded_png)
+    values = dict(
+        sha256=sha256,
+        blob_key=key,
+        padded_blob_key=padded_key(sha256),
+        media_type=decoded.media_type,
+        width=decoded.width,
+        height=decoded.height,
+        bytes=len(data),
+    )
+    await session.execute(insert(CatalogImage).values(**values).on_conflict_do_nothing())
+    row = await session.get(CatalogImage, sha256)
+    assert row is not None
+    return row
+
+
+async def set_product_images(
+    session: AsyncSession, product_id: uuid.UUID, images: list[tuple[str, str]]
+) -> None:
+    """Make ``images`` ((source_url, image_sha256) in page order) the product's images."""
+    await session.execute(delete(ProductImage).where(col(ProductImage.product_id) == product_id))
+    if images:
+        rows = [
+            dict(
+                id=uuid.uuid4(), product_id=product_id, position=i, source_url=url, image_sha256=sha
+            )
+            for i, (url, sha) in enumerate(images)
+        ]
+        await session.execute(insert(ProductImage).values(rows))
