@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.accounts import authenticate
+from core.accounts import authenticate, require_admin
 from core.settings import Settings
 from core.storage import BlobStore
 
@@ -45,3 +45,12 @@ async def _account(
 
 
 AccountDep = Annotated[uuid.UUID, Depends(_account)]
+
+
+async def _admin_account(session: SessionDep, account_id: AccountDep) -> uuid.UUID:
+    await require_admin(session, account_id)
+    return account_id
+
+
+# An operator's account: 401 without a valid key, 403 with a non-admin one.
+AdminAccount = Annotated[uuid.UUID, Depends(_admin_account)]

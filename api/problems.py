@@ -23,6 +23,7 @@ STATUS_BY_KIND = {
     ErrorKind.not_found: 404,
     ErrorKind.conflict: 409,
     ErrorKind.unauthorized: 401,
+    ErrorKind.forbidden: 403,
     ErrorKind.unavailable: 503,
 }
 

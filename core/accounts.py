@@ -7,13 +7,16 @@ import secrets
 import uuid
 from dataclasses import dataclass
 
+from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.models import Account, ApiKey
-from core.errors import Unauthorized
+from core.errors import Forbidden, Unauthorized
 
 KEY_PREFIX = "atl_"
+# The account that owns work nobody asked for through the API (periodic crawls).
+SYSTEM_ACCOUNT = "atelier-system"
 # Characters of the key kept in clear to tell keys apart in listings and logs.
 _SHOWN_CHARS = 12
 
@@ -29,8 +32,10 @@ class NewKey:
     key: str  # the only time the whole key exists outside the client
 
 
-async def create_account_with_key(session: AsyncSession, name: str) -> NewKey:
-    account = Account(name=name)
+async def create_account_with_key(
+    session: AsyncSession, name: str, *, is_admin: bool = False
+) -> NewKey:
+    account = Account(name=name, is_admin=is_admin)
     session.add(account)
     await session.flush()
     return await create_key(session, account.id)
@@ -55,3 +60,27 @@ async def authenticate(session: AsyncSession, key: str | None) -> uuid.UUID:
     if row is None:
         raise Unauthorized("invalid or revoked API key")
     return row.account_id
+
+
+async def require_admin(session: AsyncSession, account_id: uuid.UUID) -> None:
+    """Forbidden unless the account is an operator's (``keys create --admin``)."""
+    account = await session.get(Account, account_id)
+    if account is None or not account.is_admin:
+        raise Forbidden("this needs an admin API key (python -m api keys create --admin)")
+
+
+async def system_account(session: AsyncSession) -> uuid.UUID:
+    """The admin account owning system work (periodic crawls), created on first use.
+
+    A transaction-scoped advisory lock makes concurrent first uses (two CPU
+    workers' cron firing together) create one account, not two.
+    """
+    await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(SYSTEM_ACCOUNT))))
+    query = select(Account.id).where(col(Account.name) == SYSTEM_ACCOUNT, col(Account.is_admin))
+    existing = (await session.exec(query.order_by(col(Account.created_at)))).first()
+    if existing is not None:
+        return existing
+    account = Account(name=SYSTEM_ACCOUNT, is_admin=True)
+    session.add(account)
+    await session.flush()
+    return account.id

@@ -18,6 +18,7 @@ class ErrorKind(StrEnum):
     not_found = "not_found"  # unknown, or another account's (404)
     conflict = "conflict"  # valid request, wrong state (409)
     unauthorized = "unauthorized"  # missing or bad credentials (401)
+    forbidden = "forbidden"  # good credentials, not allowed to do this (403)
     unavailable = "unavailable"  # a dependency is down (503)
 
 
@@ -74,6 +75,12 @@ class Unauthorized(AtelierError):
     kind = ErrorKind.unauthorized
     code = "unauthorized"
     title = "Unauthorized"
+
+
+class Forbidden(AtelierError):
+    kind = ErrorKind.forbidden
+    code = "forbidden"
+    title = "Forbidden"
 
 
 class CheckpointMissing(AtelierError):
