@@ -22,12 +22,10 @@ from core.settings import Settings
 from tests.conftest import ROOT
 
 
-async def test_keys_create_prints_a_working_key(
-    client: AsyncClient, settings: Settings, sessions: async_sessionmaker[AsyncSession]
-) -> None:
-    run = await asyncio.to_thread(
+async def keys_create(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "api", "keys", "create", "--account", "shop"],
+        [sys.executable, "-m", "api", "keys", "create", *args],
         cwd=ROOT,
         env={"DATABASE_URL": settings.database_url, "PATH": "/usr/bin:/bin"},
         capture_output=True,
@@ -35,6 +33,12 @@ async def test_keys_create_prints_a_working_key(
         timeout=60,
         check=True,
     )
+
+
+async def test_keys_create_prints_a_working_key(
+    client: AsyncClient, settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    run = await keys_create(settings, "--account", "shop")
     key = next(line.split()[1] for line in run.stdout.splitlines() if line.startswith("key"))
     response = await client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 200
@@ -47,16 +51,7 @@ async def test_keys_create_prints_a_working_key(
 async def test_keys_create_admin_makes_an_operator_account(
     settings: Settings, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    run = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "api", "keys", "create", "--admin", "ops"],
-        cwd=ROOT,
-        env={"DATABASE_URL": settings.database_url, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    run = await keys_create(settings, "--admin", "ops")
     assert "(admin)" in run.stdout
     async with sessions() as session:
         accounts = (await session.execute(select(Account))).scalars().all()
