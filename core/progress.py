@@ -68,6 +68,11 @@ class ProgressTracker:
                 info["eta_s"] = round((now - self._stage_started) / done * (total - done), 1)
             self._detail = info
 
+    def report(self, **detail: Any) -> None:
+        """Counts of a stage whose total is not known (a crawl's pages): no ETA."""
+        with self._lock:
+            self._detail = dict(detail)
+
     def snapshot(self) -> Snapshot:
         with self._lock:
             detail = dict(self._detail)

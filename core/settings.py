@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     catalog_image_side: int = 512
     # The CPU worker's Prometheus port (0 = off).
     cpu_worker_metrics_port: int = 9103
+    # Jobs a CPU worker runs at once: crawls are I/O-bound, so crawls of different
+    # sites overlap, and the periodic-crawl tick never waits behind a long crawl.
+    cpu_worker_jobs: int = Field(4, ge=1)
 
 
 @lru_cache

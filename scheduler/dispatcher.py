@@ -2,7 +2,8 @@
 
 Each tick:
 1. fails queued jobs whose prerequisite failed (they can never run);
-2. marks runnable queued jobs ``scheduled`` and sends them to the GPU queue;
+2. marks runnable queued jobs ``scheduled`` and sends them to their kind's queue
+   (GPU for train/generate, CPU for crawls: worker/queues.py);
 3. requeues running jobs whose worker stopped heartbeating (the reaper);
 4. re-sends scheduled jobs whose message vanished (Redis flushed or restarted) or
    was taken by a worker that died before claiming the job.
@@ -24,7 +25,7 @@ from core import dispatch
 from core.db.engine import session_scope
 from core.metrics import JOBS_DISPATCHED, JOBS_REAPED, JOBS_REENQUEUED
 from core.settings import Settings
-from worker.queues import message_waiting, new_message_id, send
+from worker.queues import message_waiting, new_message_id, queue_for, send
 
 log = logging.getLogger("atelier.scheduler")
 
@@ -54,7 +55,7 @@ class Dispatcher:
         # Sent after the commit: if we crash in between, reconcile() re-sends.
         for job in taken:
             assert job.transport_id is not None
-            await send(self.redis, job.id, job.transport_id)
+            await send(self.redis, job.id, job.transport_id, queue_for(job.kind))
             JOBS_DISPATCHED.inc()
             log.info("job %s %s scheduled", job.id, job.kind)
         return len(taken)
@@ -72,7 +73,8 @@ class Dispatcher:
         async with session_scope(self.sessions) as session:
             waiting = await dispatch.scheduled_unclaimed(session, grace)
         for job in waiting:
-            if job.transport_id and await message_waiting(self.redis, job.transport_id):
+            queue = queue_for(job.kind)
+            if job.transport_id and await message_waiting(self.redis, job.transport_id, queue):
                 continue  # still queued: no worker is free yet
             new_id = new_message_id(job.id)
             async with session_scope(self.sessions) as session:
@@ -80,7 +82,7 @@ class Dispatcher:
                     session, job.id, job.transport_id, new_id
                 ):
                     continue
-            await send(self.redis, job.id, new_id)
+            await send(self.redis, job.id, new_id, queue)
             JOBS_REENQUEUED.inc()
             log.warning("job %s: its message was lost, re-sent", job.id)
 

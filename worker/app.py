@@ -1,7 +1,9 @@
-"""arq wiring for a GPU worker: startup, the one task function, shutdown.
+"""arq wiring for a worker: startup, the one task function, shutdown.
 
 Thin on purpose: the task hands the job id to core's Executor, which claims the
-job in Postgres, runs it and records the outcome.
+job in Postgres, runs it and records the outcome. A GPU worker (train, generate)
+and a CPU worker (crawl, worker/cpu.py) differ only in their queue, handlers and
+cron jobs.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from arq.cron import CronJob
 from arq.worker import Worker, func
 
 from core.db.engine import make_engine, make_sessionmaker, session_scope
 from core.db.models import JobKind
-from core.execution import Compute, Executor
+from core.execution import Compute, Executor, Handler
 from core.generate_job import run_generation
 from core.settings import Settings
 from core.storage import blob_store_from_settings
@@ -51,10 +54,20 @@ async def _liveness(settings: Settings, ctx: dict[str, Any]) -> None:
             log.warning("worker heartbeat failed", exc_info=True)
 
 
+GPU_HANDLERS: dict[JobKind, Handler] = {
+    JobKind.train: run_training,
+    JobKind.generate: run_generation,
+}
+
+
 def build_worker(
     settings: Settings,
     device: Device,
     *,
+    queue: str = GPU_QUEUE,
+    handlers: dict[JobKind, Handler] | None = None,
+    cron_jobs: list[CronJob] | None = None,
+    max_jobs: int | None = None,
     compute: Compute = asyncio.to_thread,
     burst: bool = False,
     handle_signals: bool = True,
@@ -70,7 +83,7 @@ def build_worker(
             sessions=sessions,
             store=blob_store_from_settings(settings),
             worker_id=worker_id,
-            handlers={JobKind.train: run_training, JobKind.generate: run_generation},
+            handlers=GPU_HANDLERS if handlers is None else handlers,
             compute=compute,
         )
         async with session_scope(sessions) as session:
@@ -80,10 +93,10 @@ def build_worker(
                 name=device.name,
                 device=device.device,
                 vram_bytes=device.vram_bytes,
-                queue=GPU_QUEUE,
+                queue=queue,
             )
         ctx["liveness"] = asyncio.create_task(_liveness(settings, ctx))
-        log.info("worker %s ready on %s (profile %s)", worker_id, device.device, settings.profile)
+        log.info("worker %s ready on %s, queue %s", worker_id, device.device, queue)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         if "liveness" in ctx:
@@ -97,12 +110,13 @@ def build_worker(
 
     return Worker(
         functions=[func(run_job, name=RUN_JOB)],
-        queue_name=GPU_QUEUE,
+        cron_jobs=cron_jobs,
+        queue_name=queue,
         redis_settings=redis_settings(settings.redis_url),
         on_startup=startup,
         on_shutdown=shutdown,
         # One job at a time per GPU: the resident pipeline is shared by train and generate.
-        max_jobs=settings.worker_concurrency,
+        max_jobs=max_jobs or settings.worker_concurrency,
         job_timeout=settings.job_timeout_s,
         # State lives in Postgres; arq neither keeps results nor retries on its own.
         keep_result=0,

@@ -15,9 +15,25 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.jobs import Job as ArqJob
 from arq.jobs import JobStatus as ArqStatus
 
+from core.db.models import JobKind
+
 # One shared queue for GPU workers until placement picks a GPU per job.
 GPU_QUEUE = "atelier:gpu"
+# CPU workers: crawls (and, later, embeddings and webhooks); no model loaded.
+CPU_QUEUE = "atelier:cpu"
 RUN_JOB = "run_job"  # the one arq function workers expose
+
+# Which workers run which kind of job. A kind missing here is a bug caught at
+# dispatch (KeyError), not a job silently waiting on a queue nobody reads.
+QUEUE_BY_KIND: dict[JobKind, str] = {
+    JobKind.train: GPU_QUEUE,
+    JobKind.generate: GPU_QUEUE,
+    JobKind.crawl: CPU_QUEUE,
+}
+
+
+def queue_for(kind: str) -> str:
+    return QUEUE_BY_KIND[JobKind(kind)]
 
 
 def redis_settings(url: str) -> RedisSettings:

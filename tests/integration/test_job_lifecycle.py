@@ -18,7 +18,7 @@ from core.db.engine import session_scope
 from core.db.models import Account, Job, JobKind, JobStatus, Subject
 from core.settings import Settings
 from scheduler.dispatcher import Dispatcher
-from worker.queues import GPU_QUEUE, connect, message_waiting
+from worker.queues import CPU_QUEUE, GPU_QUEUE, connect, message_waiting
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -219,4 +219,25 @@ async def test_reconcile_resends_a_message_taken_by_a_worker_that_died_before_cl
     after = await _reload(sessions, job.id)
     assert after.transport_id != taken and after.transport_id
     assert await message_waiting(arq, after.transport_id)
+    await arq.aclose()
+
+
+async def test_crawl_jobs_go_to_the_cpu_queue_and_are_resent_there(
+    settings: Settings, sessions: Sessions, redis: Redis
+) -> None:
+    train = await _job(sessions)
+    crawl = await _job(sessions, JobKind.crawl)
+    dispatcher, arq = await _dispatcher(settings, sessions)
+    assert await dispatcher.dispatch() == 2
+    assert await redis.zcard(GPU_QUEUE) == 1 and await redis.zcard(CPU_QUEUE) == 1
+    before = (await _reload(sessions, crawl.id)).transport_id
+    assert before and await message_waiting(arq, before, CPU_QUEUE)
+
+    await redis.flushdb()
+    for job in (train, crawl):
+        await _age(sessions, job.id, scheduled_at=timedelta(seconds=settings.reconcile_grace_s + 1))
+    await dispatcher.reconcile()
+    after = (await _reload(sessions, crawl.id)).transport_id
+    assert after and after != before and await message_waiting(arq, after, CPU_QUEUE)
+    assert await redis.zcard(GPU_QUEUE) == 1 and await redis.zcard(CPU_QUEUE) == 1
     await arq.aclose()
