@@ -12,20 +12,19 @@ known here: the scheduler asks which jobs to hand out, and workers claim them.
 
 from __future__ import annotations
 
-import base64
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, update
+from sqlalchemy import and_, func, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.cursor import before_cursor, encode_cursor
 from core.db.models import ACTIVE, Job, JobKind, JobStatus, utcnow
-from core.errors import Conflict, InvalidInput, NotFound
+from core.errors import Conflict, NotFound
 from core.metrics import JOBS_CREATED, JOBS_FINISHED
 
 _now = func.now
@@ -91,20 +90,6 @@ class Page:
     next_cursor: str | None
 
 
-def _encode_cursor(job: Job) -> str:
-    raw = f"{job.created_at.isoformat()}|{job.id}"
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created, job_id = raw.split("|")
-        return datetime.fromisoformat(created), uuid.UUID(job_id)
-    except ValueError as exc:
-        raise InvalidInput("cursor is not one this API returned") from exc
-
-
 async def list_jobs(
     session: AsyncSession,
     account_id: uuid.UUID,
@@ -121,18 +106,12 @@ async def list_jobs(
     if kind is not None:
         query = query.where(col(Job.kind) == kind.value)
     if cursor:
-        created, job_id = _decode_cursor(cursor)
-        query = query.where(
-            or_(
-                col(Job.created_at) < created,
-                and_(col(Job.created_at) == created, col(Job.id) < job_id),
-            )
-        )
+        query = query.where(before_cursor(col(Job.created_at), col(Job.id), cursor))
     query = query.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit + 1)
     rows = (await session.exec(query)).all()
     more = len(rows) > limit
     rows = rows[:limit]
-    return Page(rows, _encode_cursor(rows[-1]) if more and rows else None)
+    return Page(rows, encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None)
 
 
 async def cancel_job(session: AsyncSession, account_id: uuid.UUID, job_id: uuid.UUID) -> Job:
