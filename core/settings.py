@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     crawl_max_page_bytes: int = 5 * MiB
     crawl_max_image_bytes: int = 20 * MiB
     crawl_images_per_product: int = Field(5, ge=1)
+    # A complete crawl marks the products it did not see gone, unless they are more
+    # than this fraction of the site's live products: that is a broken site entry
+    # (selectors that no longer match) or a broken shop, not a season's end.
+    crawl_max_gone_fraction: float = Field(0.5, gt=0, le=1)
     # Download and pad product images (off only for benchmarks of page crawling).
     crawl_images: bool = True
     # Catalog images are padded onto a square of this side.
