@@ -6,13 +6,16 @@ drain, so a walker waits when the workers fall behind and no more than one
 sitemap's URLs are in memory at a time. Every URL is visited once per run (the
 context's ``seen`` set). A listing or sitemap answering 304 replays the links it
 held last time, so a refresh of an unchanged shop still reaches every product.
+Last, known product pages that nothing linked to this time are asked again: a
+404/410 is what tells a removed product for sure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Iterable, Iterator
+import logging
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -30,7 +33,9 @@ from core.db.catalog_models import CrawlPage
 from core.db.engine import session_scope
 from core.db.models import utcnow
 
+log = logging.getLogger("atelier.catalog")
 PageKind = Literal["listing", "sitemap"]
+_KNOWN_PAGE_BATCH = 500
 
 
 class SitemapError(Exception):
@@ -160,6 +165,30 @@ async def discover(ctx: CrawlContext, products: asyncio.Queue[str | None], walke
         await frontier.join()
         for task in tasks:
             task.cancel()
+    async for url in _known_unseen(ctx):
+        await products.put(url)
+
+
+async def _known_unseen(ctx: CrawlContext) -> AsyncIterator[str]:
+    """Product pages we know that no listing or sitemap led to this time: asked
+    once more, so that a removed product is confirmed by its 404/410 (and one
+    merely unlisted, still on sale, is not called gone)."""
+    after_id, revisited = 0, 0
+    while True:
+        async with ctx.sessions() as session:
+            rows = await store.known_product_pages(
+                session, ctx.site.name, after_id=after_id, limit=_KNOWN_PAGE_BATCH
+            )
+        if not rows:
+            break
+        after_id = rows[-1][0]
+        for _, url in rows:
+            if ctx.first_sight(url):
+                revisited += 1
+                yield url
+    if revisited:
+        log.info("%s: %d known product pages no longer linked, asked again", ctx.site.name,
+                 revisited)  # fmt: skip
 
 
 async def _walk(

@@ -10,6 +10,7 @@ product, its images and its crawl_page row are written in one transaction. A
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import uuid
@@ -135,18 +136,14 @@ async def _image_plan(ctx: CrawlContext, record: ProductRecord) -> tuple[dict[st
 async def _images(
     ctx: CrawlContext, record: ProductRecord, linked: dict[str, str]
 ) -> tuple[list[tuple[str, str]], bool]:
-    """(source URL, sha256) of the record's images that could be stored, and
-    whether none failed for a reason that may pass (a timeout, a 5xx)."""
-    images: list[tuple[str, str]] = []
-    complete = True
-    for url in record.image_urls:
-        sha = linked.get(url)
-        if sha is None:
-            sha, definitive = await _ingest(ctx, url)
-            complete = complete and definitive
-        if sha is not None:
-            images.append((url, sha))
-    return images, complete
+    """(source URL, sha256) of the record's images that could be stored, in page
+    order, and whether none failed for a reason that may pass (a timeout, a 5xx).
+    New ones are downloaded together; the host's slots keep that polite."""
+    new = [url for url in record.image_urls if url not in linked]
+    ingested = dict(zip(new, await asyncio.gather(*(_ingest(ctx, u) for u in new)), strict=True))
+    images = [(url, linked.get(url) or ingested[url][0]) for url in record.image_urls]
+    complete = all(definitive for _, definitive in ingested.values())
+    return [(url, sha) for url, sha in images if sha is not None], complete
 
 
 async def _ingest(ctx: CrawlContext, url: str) -> tuple[str | None, bool]:

@@ -200,6 +200,26 @@ async def find_page(session: AsyncSession, site: str, url: str) -> CrawlPage | N
     ).first()
 
 
+async def known_product_pages(
+    session: AsyncSession, site: str, *, after_id: int, limit: int
+) -> list[tuple[int, str]]:
+    """(page id, url) of product pages whose product is not gone, by page id:
+    keyset pages, so the caller never holds them all nor a long transaction."""
+    query = (
+        select(CrawlPage.id, CrawlPage.url)
+        .join(Product, col(Product.id) == col(CrawlPage.product_id))
+        .where(
+            col(CrawlPage.site) == site,
+            col(CrawlPage.kind) == "product",
+            col(CrawlPage.id) > after_id,
+            col(Product.gone_at).is_(None),
+        )
+        .order_by(col(CrawlPage.id))
+        .limit(limit)
+    )
+    return [(int(page_id or 0), url) for page_id, url in (await session.exec(query)).all()]
+
+
 async def save_page(session: AsyncSession, page: CrawlPage) -> None:
     """Upsert by (site, url): what the last fetch of this URL gave."""
     values = dict(

@@ -1,4 +1,4 @@
-"""core.catalog.extract and its readers: JSON-LD, OpenGraph, selectors, values.
+"""Reading pages: products (JSON-LD, OpenGraph, selectors, values), listings, sitemaps.
 
 The fixture shop's own page renderer provides realistic pages (every trouble
 kind); hand-written pages cover the shapes other shops use (@graph,
@@ -7,12 +7,15 @@ AggregateOffer, price strings with separators, OpenGraph only).
 
 from __future__ import annotations
 
+import gzip
 import json
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from core.catalog.bodies import BodyTooLarge
+from core.catalog.discover import PageLinks, SitemapError, links_in_sitemap, links_on_listing
 from core.catalog.extract import ExtractionError, extract_product
 from core.catalog.records import ProductRecord
 from core.catalog.sites import Site, parse_site
@@ -283,3 +286,79 @@ def test_parse_currency_and_availability() -> None:
     assert parse_availability("in stock") is True
     assert parse_availability("OOS") is False
     assert parse_availability("maybe") is None
+
+
+# --- listings and sitemaps --------------------------------------------------------------
+
+SITEMAP_NS = 'xmlns="http://www.sitemaps.org/schemas/sitemap/0.9"'
+MiB = 1024 * 1024
+
+
+def urlset(*locs: str) -> bytes:
+    entries = "".join(f"<url><loc>{loc}</loc><lastmod>2024-03-01</lastmod></url>" for loc in locs)
+    return f'<?xml version="1.0" encoding="UTF-8"?><urlset {SITEMAP_NS}>{entries}</urlset>'.encode()
+
+
+def test_sitemap_index_and_gzipped_urlset_are_classified_by_the_site_patterns() -> None:
+    fixture = site("fixture")
+    index = (
+        f"<sitemapindex {SITEMAP_NS}><sitemap><loc>{BASE}/sitemaps/products-1.xml.gz</loc>"
+        f"</sitemap><sitemap><loc> /sitemaps/categories.xml </loc></sitemap></sitemapindex>"
+    ).encode()
+    assert links_in_sitemap(fixture, index, MiB) == PageLinks(
+        sitemaps=(f"{BASE}/sitemaps/products-1.xml.gz", f"{BASE}/sitemaps/categories.xml")
+    )
+    locs = [f"{BASE}/p/a-P1", f"{BASE}/c/women-dresses", "http://away.test/p/b", f"{BASE}/about"]
+    body = gzip.compress(urlset(*locs))
+    assert links_in_sitemap(fixture, body, MiB) == PageLinks(
+        products=(f"{BASE}/p/a-P1",), listings=(f"{BASE}/c/women-dresses",)
+    )
+    # An entry that walks no listings keeps only products; without a product
+    # pattern every page of the site is a product candidate.
+    assert links_in_sitemap(generic(), body, MiB).products == (
+        f"{BASE}/p/a-P1", f"{BASE}/c/women-dresses", f"{BASE}/about",
+    )  # fmt: skip
+
+
+def test_text_sitemap() -> None:
+    assert links_in_sitemap(generic(), b"/p/1\n\nhttp://shop.test/p/2\n", MiB).products == (
+        f"{BASE}/p/1", f"{BASE}/p/2",
+    )  # fmt: skip
+
+
+def test_sitemaps_never_resolve_entities() -> None:
+    xxe = (
+        b'<?xml version="1.0"?><!DOCTYPE u [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+        b"<urlset><url><loc>http://shop.test/p/&x;</loc></url></urlset>"
+    )
+    try:
+        links = links_in_sitemap(generic(), xxe, MiB)
+    except SitemapError:
+        return
+    assert not any("root:" in url for url in links.products)
+
+
+@pytest.mark.parametrize("body", [b"<urlset><url><loc>http://x", b"<html><body/></html>", b"<"])
+def test_broken_sitemaps_raise_sitemap_error(body: bytes) -> None:
+    with pytest.raises(SitemapError):
+        links_in_sitemap(generic(), body, MiB)
+
+
+def test_a_gzip_bomb_sitemap_is_refused() -> None:
+    with pytest.raises(BodyTooLarge):
+        links_in_sitemap(generic(), gzip.compress(b" " * (8 * MiB)), MiB)
+
+
+def test_listing_links_stay_on_the_site() -> None:
+    html = page(body=(
+        '<a class="category" href="/c/women-bags">Bags</a>'
+        '<a class="product-card" href="/p/a-P1">A</a><a class="product-card" href="/p/a-P1#x">A</a>'
+        '<a class="product-card" href="http://elsewhere.test/p/b">B</a>'
+        '<aside class="promo"><a href="/private/preview">Private</a></aside>'
+        '<a rel="next" class="next" href="?page=2">Next</a>'
+    ))  # fmt: skip
+    links = links_on_listing(site("fixture"), f"{BASE}/c/women-dresses", html, None)
+    assert links == PageLinks(
+        products=(f"{BASE}/p/a-P1",),
+        listings=(f"{BASE}/c/women-bags", f"{BASE}/c/women-dresses?page=2"),
+    )
