@@ -1,4 +1,6 @@
-"""`python -m worker gpu --device cuda:0 --name rtx4090 --vram 24GiB`
+"""`python -m worker gpu --device cuda:0 --name rtx4090 --vram 24GiB`,
+`python -m worker cpu` (crawl jobs and the periodic crawl, worker/cpu.py),
+`python -m worker crawl <site>` (one crawl in the foreground, worker/crawl_console.py).
 
 On a dev box without a GPU: `python -m worker gpu --device cpu --name rtx4090
 --vram 24GiB` runs the same code on the CPU with the `tiny` profile, declaring
@@ -12,6 +14,7 @@ handed to arq, which cancels the running job so it is handed back.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import threading
@@ -25,6 +28,8 @@ from core.settings import Settings, get_settings
 from core.workers import parse_bytes
 from worker.app import Device, build_worker
 from worker.compute import MainThreadRunner
+from worker.cpu import build_cpu_worker
+from worker.crawl_console import crawl_in_foreground
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -38,6 +43,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     gpu.add_argument(
         "--metrics-port", type=int, default=None, help="Prometheus port (default: settings)"
     )
+    cpu = sub.add_parser("cpu", help="run crawl jobs and the periodic crawl (no models)")
+    cpu.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    cpu.add_argument(
+        "--metrics-port", type=int, default=None, help="Prometheus port (default: settings)"
+    )
+    crawl = sub.add_parser("crawl", help="crawl one site now, in the foreground")
+    crawl.add_argument("site", help="a site entry's name (core/catalog/sites/<name>.toml)")
     return parser.parse_args(argv)
 
 
@@ -79,14 +91,26 @@ def run_gpu_worker(settings: Settings, device: Device, burst: bool) -> None:
         raise SystemExit(1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _parse(argv)
-    offline_quiet_env()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = get_settings()
-    port = settings.worker_metrics_port if args.metrics_port is None else args.metrics_port
+def _serve_metrics(port: int | None, default: int) -> None:
+    port = default if port is None else port
     if port:
         start_http_server(port)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    settings = get_settings()
+    if args.kind == "crawl":
+        # The console shows the progress line; only warnings would interleave with it.
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+        raise SystemExit(asyncio.run(crawl_in_foreground(settings, args.site)))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.kind == "cpu":
+        _serve_metrics(args.metrics_port, settings.cpu_worker_metrics_port)
+        build_cpu_worker(settings, burst=args.burst).run()
+        return
+    offline_quiet_env()
+    _serve_metrics(args.metrics_port, settings.worker_metrics_port)
     if args.device:
         settings = settings.model_copy(update={"device": args.device})
     if settings.torch_threads:
