@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 
 from api import problems
-from api.routes import generations, jobs, outputs, subjects, system
+from api.routes import admin, generations, jobs, outputs, products, subjects, system
 from core.db.engine import make_engine, make_sessionmaker
 from core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from core.settings import Settings, get_settings
@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (subjects, generations, jobs, outputs, system):
+    for module in (subjects, generations, jobs, outputs, products, admin, system):
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -23,7 +24,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if value is None:
             continue
         key = name.upper() if name in ("database_url", "redis_url") else f"ATELIER_{name.upper()}"
-        env[key] = str(value)
+        # Lists and dicts (crawl_sites...) are read back as JSON.
+        env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
     # Two cores: one for the worker's torch threads, one for everything else.
     env.setdefault("ATELIER_TORCH_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"

@@ -1,0 +1,88 @@
+"""The catalog, read-only: product search, one product in full, its images.
+
+Any account may read it (the catalog is shared); a key is still required.
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import FileResponse
+
+from api.catalog_schemas import ImageVariant, ProductOut, ProductPageOut, ProductSummaryOut
+from api.deps import AccountDep, SessionDep, SettingsDep, StoreDep
+from core.catalog import queries
+
+router = APIRouter(tags=["catalog"])
+
+Money = Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)]
+
+
+@router.get("/v1/products", response_model=ProductPageOut)
+async def list_products(
+    _account: AccountDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    designer: str | None = None,
+    category: Annotated[str | None, Query(description="any level, e.g. 'Dresses'")] = None,
+    min_price: Money = None,
+    max_price: Money = None,
+    currency: Annotated[str | None, Query(min_length=3, max_length=3)] = None,
+    available: Annotated[bool | None, Query(description="default: both")] = None,
+    site: str | None = None,
+    q: Annotated[str | None, Query(max_length=200, description="in name or description")] = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> ProductPageOut:
+    search = queries.ProductFilter(
+        designer=designer,
+        category=category,
+        min_price=min_price,
+        max_price=max_price,
+        currency=currency,
+        available=available,
+        site=site,
+        q=q,
+    )
+    page = await queries.search_products(session, search, limit=limit, cursor=cursor)
+    base = settings.public_base_url
+    items = [ProductSummaryOut.of(p, page.first_images.get(p.id), base) for p in page.products]
+    return ProductPageOut(items=items, next_cursor=page.next_cursor)
+
+
+@router.get("/v1/products/{product_id}", response_model=ProductOut)
+async def get_product(
+    product_id: uuid.UUID, _account: AccountDep, session: SessionDep, settings: SettingsDep
+) -> ProductOut:
+    detail = await queries.get_product(session, product_id)
+    return ProductOut.of_detail(detail, settings.public_base_url)
+
+
+@router.get(
+    "/v1/catalog-images/{sha256}",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+)
+async def get_catalog_image(
+    sha256: Annotated[str, Path(pattern="^[0-9a-f]{64}$")],
+    _account: AccountDep,
+    session: SessionDep,
+    store: StoreDep,
+    variant: ImageVariant = ImageVariant.padded,
+) -> FileResponse:
+    image = await queries.get_catalog_image(session, sha256)
+    if variant is ImageVariant.padded:
+        key, media_type = image.padded_blob_key, "image/png"
+    else:
+        key, media_type = image.blob_key, image.media_type
+    return FileResponse(
+        store.open_path(key),
+        media_type=media_type,
+        filename=key.rsplit("/", 1)[-1],
+        content_disposition_type="inline",
+        # Content-addressed: the bytes under this URL never change.
+        headers={"Cache-Control": "private, max-age=31536000, immutable"},
+    )
