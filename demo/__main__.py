@@ -1,9 +1,12 @@
-"""`python -m demo`: start the stack and run one whole look on the tiny profile.
+"""`python -m demo`: start the stack, fill the catalog, run one whole look (tiny profile).
 
-Starts the API (uvicorn), the scheduler and one CPU worker standing in for an
-RTX 4090, creates an API key, uploads the bundled sample subject, asks for 4
-images for a prompt (training runs first), prints a progress line per stage
-and where the images are, then keeps the API up until Ctrl-C.
+Starts the API (uvicorn), the scheduler, a GPU worker on the CPU standing in for
+an RTX 4090, a CPU worker (crawls) and the fixture shop (500 products, no added
+latency), creates an admin API key, crawls the shop through
+``POST /v1/admin/crawls`` and shows a few products, then uploads the bundled
+sample subject, asks for 4 images for a prompt (training runs first), prints a
+progress line per stage and where the images are, and keeps the API up until
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -30,6 +34,7 @@ PHOTOS = sorted((ROOT / "demo" / "sample_subject").glob("*.jpg"))
 DEFAULT_PROMPT = "my next Halloween costume for a Harry Potter themed party"
 LOG_DIR = ROOT / "var" / "log"
 OUT_DIR = ROOT / "var" / "demo"
+SHOP_PRODUCTS = 500
 
 
 def _command_line(child: subprocess.Popen[bytes]) -> str:
@@ -43,18 +48,24 @@ def _command_line(child: subprocess.Popen[bytes]) -> str:
 class Stack:
     """The Procfile's processes, as children of this one, logging to var/log."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, shop_port: int) -> None:
         self.port = port
+        self.shop_port = shop_port
         self.children: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.setdefault("ATELIER_PUBLIC_BASE_URL", f"http://127.0.0.1:{self.port}")
+        # The "fixture" site entry, pointed at the shop started here.
+        env.setdefault("ATELIER_CRAWL_BASE_URLS", json.dumps({"fixture": self.shop_url}))
+        shop = ["--port", str(self.shop_port), "--products", str(SHOP_PRODUCTS)]
         commands = {
             "web": ["uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port)],
             "scheduler": ["scheduler"],
             "gpu": ["worker", "gpu", "--device", "cpu", "--name", "rtx4090", "--vram", "24GiB"],
+            "cpu": ["worker", "cpu"],
+            "shop": ["fixture_shop", *shop, "--latency-ms", "0"],
         }
         for name, args in commands.items():
             log = open(LOG_DIR / f"{name}.log", "ab")
@@ -66,6 +77,10 @@ class Stack:
             )
             self.children.append(child)
             print(f"started {name:<9} {' '.join(args)}  (log: var/log/{name}.log)")
+
+    @property
+    def shop_url(self) -> str:
+        return f"http://127.0.0.1:{self.shop_port}"
 
     def check(self) -> None:
         for child in self.children:
@@ -84,10 +99,11 @@ class Stack:
 
 
 async def _new_key(settings: Settings) -> str:
+    """An admin key: the demo starts a crawl (admin) and makes a look (anyone)."""
     engine = make_engine(settings)
     try:
         async with session_scope(make_sessionmaker(engine)) as session:
-            return (await create_account_with_key(session, "demo")).key
+            return (await create_account_with_key(session, "demo", is_admin=True)).key
     finally:
         await engine.dispose()
 
@@ -117,7 +133,10 @@ def _follow(http: httpx.Client, stack: Stack, job_id: str, label: str) -> dict[s
             line += f" loss={detail['loss']:.4f}"
         if "eta_s" in detail:
             line += f" eta {detail['eta_s']:.0f}s"
-        line += f" ({job['progress']:.0%})"
+        if "products_new" in detail:
+            line += f" · {detail['pages']:,} pages, {detail['products_new']:,} new products"
+        if "total" in detail or "pages" not in detail:  # a first crawl has no total
+            line += f" ({job['progress']:.0%})"
         if line != last:
             print(line, flush=True)
             last = line
@@ -126,37 +145,74 @@ def _follow(http: httpx.Client, stack: Stack, job_id: str, label: str) -> dict[s
         time.sleep(0.5)
 
 
-def run_look(base_url: str, key: str, prompt: str, stack: Stack) -> None:
-    headers = {"Authorization": f"Bearer {key}"}
-    with httpx.Client(base_url=base_url, headers=headers, timeout=30) as http:
-        _wait_healthy(http, stack)
-        files = [("photos", (p.name, p.read_bytes(), "image/jpeg")) for p in PHOTOS]
-        subject = http.post("/v1/subjects", files=files, data={"class_noun": "woman"})
-        subject.raise_for_status()
-        subject_id = subject.json()["id"]
-        print(f"subject {subject_id}: {len(PHOTOS)} photos, token '{subject.json()['token']}'")
-        started = time.monotonic()
-        gen = http.post(
-            "/v1/generations",
-            json={"subject_id": subject_id, "prompt": prompt, "num_images": 4, "seed": 42},
-        )
-        gen.raise_for_status()
-        job = gen.json()
-        if job["depends_on"]:
-            train = _follow(http, stack, job["depends_on"], "train")
-            if train["status"] != "succeeded":
-                raise SystemExit(f"training {train['status']}: {train['error']}")
-        done = _follow(http, stack, job["id"], "generate")
-        if done["status"] != "succeeded":
-            raise SystemExit(f"generation {done['status']}: {done['error']}")
-        print(f"look done in {time.monotonic() - started:.1f}s: {done['result']['prompt']!r}")
-        out_dir = OUT_DIR / job["id"]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for output in done["outputs"]:
-            path = out_dir / f"{output['seed']}.png"
-            path.write_bytes(http.get(output["url"]).content)
-            print(f"  {path.relative_to(ROOT)}  {output['url']}  seed {output['seed']}")
-        print(f"\ncurl -H 'Authorization: Bearer {key}' {base_url}/v1/jobs/{job['id']}")
+def _wait_for_shop(stack: Stack, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stack.check()
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{stack.shop_url}/robots.txt").status_code == 200:
+                return
+        time.sleep(0.3)
+    raise SystemExit("the fixture shop did not come up; see var/log/shop.log")
+
+
+def run_crawl(http: httpx.Client, stack: Stack, *, wait: bool) -> None:
+    """Crawl the fixture shop through the admin API, then show a few products."""
+    _wait_for_shop(stack)
+    started = time.monotonic()
+    response = http.post("/v1/admin/crawls", json={"site": "fixture"})
+    if response.status_code == 409:  # one is already running (a previous demo's)
+        job_id = response.json()["job_id"]
+    else:
+        response.raise_for_status()
+        job_id = response.json()["id"]
+    if not wait:
+        print(f"crawl of the fixture shop started: {http.base_url}v1/jobs/{job_id}")
+        return
+    done = _follow(http, stack, job_id, "crawl")
+    if done["status"] != "succeeded":
+        raise SystemExit(f"crawl {done['status']}: {done['error']}")
+    r = done["result"]
+    print(
+        f"catalog crawled in {time.monotonic() - started:.1f}s: {r['pages']:,} pages, "
+        f"{r['products_new']:,} new / {r['products_changed']:,} changed / "
+        f"{r['products_gone']:,} gone products, {r['images_new']:,} new images, "
+        f"errors {r['errors'] or 'none'}"
+    )
+    for p in http.get("/v1/products", params={"limit": 3, "available": "true"}).json()["items"]:
+        print(f"  {p['designer']} · {p['name']} · {p['price']} {p['currency']}  {p['buy_url']}")
+        print(f"    image {p['image_url']}")
+
+
+def run_look(http: httpx.Client, key: str, prompt: str, stack: Stack) -> None:
+    base_url = str(http.base_url).rstrip("/")
+    files = [("photos", (p.name, p.read_bytes(), "image/jpeg")) for p in PHOTOS]
+    subject = http.post("/v1/subjects", files=files, data={"class_noun": "woman"})
+    subject.raise_for_status()
+    subject_id = subject.json()["id"]
+    print(f"subject {subject_id}: {len(PHOTOS)} photos, token '{subject.json()['token']}'")
+    started = time.monotonic()
+    gen = http.post(
+        "/v1/generations",
+        json={"subject_id": subject_id, "prompt": prompt, "num_images": 4, "seed": 42},
+    )
+    gen.raise_for_status()
+    job = gen.json()
+    if job["depends_on"]:
+        train = _follow(http, stack, job["depends_on"], "train")
+        if train["status"] != "succeeded":
+            raise SystemExit(f"training {train['status']}: {train['error']}")
+    done = _follow(http, stack, job["id"], "generate")
+    if done["status"] != "succeeded":
+        raise SystemExit(f"generation {done['status']}: {done['error']}")
+    print(f"look done in {time.monotonic() - started:.1f}s: {done['result']['prompt']!r}")
+    out_dir = OUT_DIR / job["id"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for output in done["outputs"]:
+        path = out_dir / f"{output['seed']}.png"
+        path.write_bytes(http.get(output["url"]).content)
+        print(f"  {path.relative_to(ROOT)}  {output['url']}  seed {output['seed']}")
+    print(f"\ncurl -H 'Authorization: Bearer {key}' {base_url}/v1/jobs/{job['id']}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,20 +221,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--no-serve", action="store_true", help="exit after the look")
     parser.add_argument("--serve-only", action="store_true", help="start the stack, no look")
+    parser.add_argument("--shop-port", type=int, default=8710, help="the fixture shop's port")
+    parser.add_argument("--no-crawl", action="store_true", help="leave the catalog as it is")
     args = parser.parse_args(argv)
 
     settings = get_settings()
     base_url = f"http://127.0.0.1:{args.port}"
     # SIGTERM (a supervisor, `kill`) stops the stack as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    stack = Stack(args.port)
+    stack = Stack(args.port, args.shop_port)
     stack.start()
     try:
         key = asyncio.run(_new_key(settings))
-        if not args.serve_only:
-            run_look(base_url, key, args.prompt, stack)
-        else:
-            print(f"API key: {key}")
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=base_url, headers=headers, timeout=30) as http:
+            _wait_healthy(http, stack)
+            if not args.no_crawl:
+                run_crawl(http, stack, wait=not args.serve_only)
+            if not args.serve_only:
+                run_look(http, key, args.prompt, stack)
+        print(f"API key (admin): {key}")
         if not args.no_serve:
             print(f"\nAPI at {base_url}  (docs: {base_url}/docs). Ctrl-C to stop.")
             while True:

@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     settings = get_settings()
     if args.kind == "crawl":
-        # The console shows the progress line; only warnings would interleave with it.
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+        # The console shows the progress line and the summary counts errors by kind;
+        # a warning per corrupt image would break the line. Errors still show.
+        logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(message)s")
         raise SystemExit(asyncio.run(crawl_in_foreground(settings, args.site)))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.kind == "cpu":
