@@ -7,13 +7,14 @@ at once, so the three always agree.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -31,7 +32,11 @@ _MB = 1_000_000
 # Unexpected failures on this many pages in a row stop the crawl: something is
 # broken everywhere (the database is down...), not on one page.
 _MAX_FAILURES_IN_A_ROW: Final = 20
+# Bodies larger than this are parsed in a thread: lxml on a few MB takes long
+# enough to stall every other request of the crawl (and the progress line).
+_PARSE_IN_THREAD_BYTES: Final = 256 * 1024
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class CrawlAborted(Exception):
@@ -167,6 +172,14 @@ class CrawlContext:
         )
         self.tally.page(result)
         return result
+
+    async def parse(
+        self, size: int, parser: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """``parser(*args, **kwargs)``, off the event loop when the body is large."""
+        if size > _PARSE_IN_THREAD_BYTES:
+            return await asyncio.to_thread(parser, *args, **kwargs)
+        return parser(*args, **kwargs)
 
     async def guarded(self, url: str, work: Awaitable[T]) -> T | None:
         """Run the handling of one page; an unexpected exception is logged with its

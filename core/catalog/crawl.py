@@ -5,8 +5,10 @@
     -> all pages visited? mark unseen products gone -> run row (status, counts)
 
 A crawl is *complete* when every page it discovered got a definitive answer
-(a 200, 304, 404/410, or content we could not read); only then are products it
-did not see marked gone, and only then is it ``succeeded``. One that ends with
+(a 200, 304, 404/410, or content we could not read); known product pages that
+nothing links to any more are asked again first (a removed product answers
+404/410). Only then are products it did not see marked gone, and only then is
+it ``succeeded``. One that ends with
 pages unanswered (timeouts, 5xx after retries) is ``failed``: the catalog is
 consistent, just not known to be complete; the next run picks up. A stop event
 or a cancellation ends it promptly as ``interrupted``: in-flight product
@@ -28,7 +30,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.catalog import store
-from core.catalog.context import CrawlContext, CrawlProgress, CrawlTally
+from core.catalog.context import CrawlAborted, CrawlContext, CrawlProgress, CrawlTally
 from core.catalog.discover import discover
 from core.catalog.fetch import CrawlErrorKind, Fetcher
 from core.catalog.product_pages import visit_product
@@ -78,6 +80,8 @@ async def crawl_site(
             else:
                 complete = tally.unvisited == 0 and await _mark_unseen_gone(ctx)
                 status = CrawlStatus.succeeded if complete else CrawlStatus.failed
+        except CrawlAborted as exc:
+            log.error("crawl of %s stopped: %s", site, exc)  # status stays failed
         except asyncio.CancelledError:
             status = CrawlStatus.interrupted
             raise
@@ -122,12 +126,22 @@ async def _crawl_unless_stopped(ctx: CrawlContext, stop: asyncio.Event | None) -
 async def _crawl(ctx: CrawlContext) -> None:
     workers = 2 * ctx.settings.crawl_concurrency_per_host  # half wait on the database
     queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=2 * workers)
-    async with asyncio.TaskGroup() as group:
-        for _ in range(workers):
-            group.create_task(_work(ctx, queue))
-        await discover(ctx, queue, walkers=_WALKERS)
-        for _ in range(workers):
-            await queue.put(None)
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(workers):
+                group.create_task(_work(ctx, queue))
+            await discover(ctx, queue, walkers=_WALKERS)
+            for _ in range(workers):
+                await queue.put(None)
+    except ExceptionGroup as failed:
+        raise _first_cause(failed) from failed
+
+
+def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception that failed a task group (nested groups unwrapped): what a
+    caller of crawl_site can act on, rather than a group of one."""
+    first = group.exceptions[0]
+    return _first_cause(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _work(ctx: CrawlContext, queue: asyncio.Queue[str | None]) -> None:

@@ -233,10 +233,14 @@ async def visit_listing(ctx: CrawlContext, url: str, kind: PageKind) -> PageLink
         await _save(ctx, url, kind, result, previous, None)
         return PageLinks()
     try:
+        size, body = len(result.body), result.body
         if kind == "sitemap":
-            links = links_in_sitemap(ctx.site, result.body, ctx.settings.crawl_max_page_bytes)
+            cap = ctx.settings.crawl_max_page_bytes
+            links = await ctx.parse(size, links_in_sitemap, ctx.site, body, cap)
         else:
-            links = links_on_listing(ctx.site, url, result.body, result.content_type)
+            links = await ctx.parse(
+                size, links_on_listing, ctx.site, url, body, result.content_type
+            )
     except (SitemapError, BodyCorrupt, BodyTooLarge, ValueError) as exc:
         too_large = isinstance(exc, BodyTooLarge)
         error = CrawlErrorKind.too_large if too_large else CrawlErrorKind.parse

@@ -49,8 +49,8 @@ async def visit_product(ctx: CrawlContext, url: str) -> None:
                       result.detail or f"HTTP {result.status}")  # fmt: skip
     else:
         try:
-            record = extract_product(
-                ctx.site, result.final_url or url, result.body,
+            record = await ctx.parse(
+                len(result.body), extract_product, ctx.site, result.final_url or url, result.body,
                 content_type=result.content_type,
                 max_images=ctx.settings.crawl_images_per_product,
             )  # fmt: skip

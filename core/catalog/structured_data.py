@@ -69,7 +69,7 @@ def _jsonld_nodes(doc: Document, page_url: str) -> Iterator[dict[str, Any]]:
         try:
             data = json.loads(block, strict=False)  # raw newlines in strings are common
         except ValueError as exc:
-            log.debug("invalid JSON-LD on %s: %s", page_url, exc)
+            log.warning("invalid JSON-LD on %s (other sources still count): %s", page_url, exc)
             continue
         yield from _walk(data, 0)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import time
+import uuid
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from core.catalog.bodies import BodyCorrupt, BodyTooLarge, CappedDecoder, gunzip_file
+from core.catalog.context import CrawlAborted, CrawlContext, CrawlTally
 from core.catalog.fetch import CrawlErrorKind, Fetcher, FetchResult
 from core.catalog.robots import RobotsAnswer, RobotsRules
 from core.catalog.throttle import (
@@ -412,3 +414,26 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
     assert backoff_s(3, 0.5, 30.0, rand=lambda: 0.0) == 0.0
     draws = [backoff_s(2, 0.5, 30.0) for _ in range(200)]
     assert all(0 <= d <= 2.0 for d in draws) and len(set(draws)) > 100
+
+
+# --- a page that fails unexpectedly -------------------------------------------------------
+
+
+async def test_unexpected_failures_are_counted_and_stop_the_crawl_when_they_persist() -> None:
+    tally = CrawlTally("shop")
+    ctx = CrawlContext(settings(), site=None, sessions=None, blobs=None, fetcher=None,  # type: ignore[arg-type]
+                       run_id=uuid.uuid4(), tally=tally)  # fmt: skip
+
+    async def failing() -> int:
+        raise RuntimeError("bug")
+
+    async def fine() -> int:
+        return 7
+
+    assert await ctx.guarded("https://a.test/1", failing()) is None
+    assert await ctx.guarded("https://a.test/2", fine()) == 7
+    assert tally.errors["internal"] == 1 and tally.unvisited == 1
+    with pytest.raises(CrawlAborted):
+        for i in range(100):
+            await ctx.guarded(f"https://a.test/{i}", failing())
+    assert tally.errors["internal"] == 21
