@@ -26,6 +26,8 @@ from core.db.catalog_models import (
     ProductImage,
     ProductPrice,
 )
+from core.db.engine import session_scope
+from core.db.models import utcnow
 from core.errors import Conflict
 from core.settings import Settings
 from core.storage import LocalBlobStore
@@ -309,3 +311,22 @@ async def test_links_robots_txt_disallows_are_skipped_and_counted(
         assert run.errors.get("robots", 0) > 0 and (await shop.stats())["private"] == 0
         assert run.status == CrawlStatus.succeeded
         assert (await products_by_id(sessions)).keys() == shop.live().keys()
+
+
+async def test_a_product_seen_again_is_available_again(
+    settings: Settings, sessions: Sessions, tmp_path: Path
+) -> None:
+    async for shop in open_shop(ShopConfig(products=40, trouble=False, image_side=48)):
+        s = crawl_settings(settings, shop, crawl_images=False)
+        await crawl_site(s, sessions, LocalBlobStore(tmp_path), "fixture")
+        stored = await products_by_id(sessions)
+        back = sorted(stored)[:2]
+        async with session_scope(sessions) as session:  # as if the shop had answered 404 once
+            for external_id in back:
+                assert await store.mark_gone(session, stored[external_id].id, utcnow())
+        run = await crawl_site(s, sessions, LocalBlobStore(tmp_path), "fixture")
+        assert run.products_changed == 2 and run.products_unchanged == len(stored) - 2
+        again = await products_by_id(sessions)
+        for external_id in back:
+            assert again[external_id].gone_at is None
+            assert_matches(again[external_id], shop.live()[external_id], shop.base)
