@@ -48,7 +48,8 @@ def _command_line(child: subprocess.Popen[bytes]) -> str:
 class Stack:
     """The Procfile's processes, as children of this one, logging to var/log."""
 
-    def __init__(self, port: int, shop_port: int) -> None:
+    def __init__(self, port: int, shop_port: int | None = None) -> None:
+        """Without a shop port: no fixture shop and no CPU worker (just the look)."""
         self.port = port
         self.shop_port = shop_port
         self.children: list[subprocess.Popen[bytes]] = []
@@ -57,16 +58,17 @@ class Stack:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.setdefault("ATELIER_PUBLIC_BASE_URL", f"http://127.0.0.1:{self.port}")
-        # The "fixture" site entry, pointed at the shop started here.
-        env.setdefault("ATELIER_CRAWL_BASE_URLS", json.dumps({"fixture": self.shop_url}))
-        shop = ["--port", str(self.shop_port), "--products", str(SHOP_PRODUCTS)]
         commands = {
             "web": ["uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port)],
             "scheduler": ["scheduler"],
             "gpu": ["worker", "gpu", "--device", "cpu", "--name", "rtx4090", "--vram", "24GiB"],
-            "cpu": ["worker", "cpu"],
-            "shop": ["fixture_shop", *shop, "--latency-ms", "0"],
         }
+        if self.shop_port is not None:
+            # The "fixture" site entry, pointed at the shop started here.
+            env.setdefault("ATELIER_CRAWL_BASE_URLS", json.dumps({"fixture": self.shop_url}))
+            shop = ["--port", str(self.shop_port), "--products", str(SHOP_PRODUCTS)]
+            commands["cpu"] = ["worker", "cpu"]
+            commands["shop"] = ["fixture_shop", *shop, "--latency-ms", "0"]
         for name, args in commands.items():
             log = open(LOG_DIR / f"{name}.log", "ab")
             cmd = [sys.executable, "-m", *args]
@@ -167,7 +169,8 @@ def run_crawl(http: httpx.Client, stack: Stack, *, wait: bool) -> None:
         response.raise_for_status()
         job_id = response.json()["id"]
     if not wait:
-        print(f"crawl of the fixture shop started: {http.base_url}v1/jobs/{job_id}")
+        base_url = str(http.base_url).rstrip("/")
+        print(f"crawl of the fixture shop started: {base_url}/v1/jobs/{job_id}")
         return
     done = _follow(http, stack, job_id, "crawl")
     if done["status"] != "succeeded":
