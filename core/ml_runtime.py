@@ -35,7 +35,7 @@ def resident_pipeline(settings: Settings, profile: Profile) -> Any:
         _resident = ResidentPipelines()
     model_path = settings.model_path if profile.name == settings.profile else None
     path = resolve_checkpoint(profile, settings.models_dir, model_path)
-    return _resident.get(path, settings.device, settings.dtype)
+    return _resident.get(path, settings.device, settings.dtype, profile.family)
 
 
 def resident_lora_cache(settings: Settings, pipe: Any, profile: Profile) -> Any:

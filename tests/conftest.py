@@ -58,6 +58,14 @@ def tiny_model_dir(settings: Settings) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(settings: Settings) -> Path:
+    """The tiny-sdxl checkpoint, built once per test session through the real builder."""
+    from core.ml.tiny_sdxl import build_tiny_sdxl_checkpoint
+
+    return build_tiny_sdxl_checkpoint(settings.models_dir / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     blobs = tmp_path_factory.mktemp("blobs")
     return Settings(

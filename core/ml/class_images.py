@@ -17,10 +17,7 @@ from typing import TYPE_CHECKING
 from core.ml.generate import GenerateParams, generate_images
 
 if TYPE_CHECKING:
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-        StableDiffusionPipeline,
-    )
-
+    from core.ml.families import Pipeline
     from core.ml.profiles import Profile
 
 # Seed of class image 0; image i uses CLASS_IMAGE_SEED + i.
@@ -48,7 +45,7 @@ def class_image_params(profile: Profile, class_noun: str, index: int) -> Generat
 
 
 def generate_class_images(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     profile: Profile,
     class_noun: str,
     indices: Sequence[int],

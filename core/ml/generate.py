@@ -29,12 +29,11 @@ from core.ml.pipeline import exclusive
 from core.ml.train import Canceled
 
 if TYPE_CHECKING:
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-        StableDiffusionPipeline,
-    )
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-# SD 1.x latents are 1/8 of the image side, so sides must be multiples of 8.
+    from core.ml.families import Pipeline
+
+# SD 1.x and SDXL latents are 1/8 of the image side, so sides must be multiples of 8.
 SIDE_MULTIPLE = 8
 
 # Sampler name -> class and the options that make it that sampler. Each is built
@@ -118,7 +117,7 @@ def _png(image: Image.Image) -> bytes:
 
 @contextmanager
 def _lora_applied(
-    pipe: StableDiffusionPipeline, lora: LoraWeights | None, cache: LoraCache | None
+    pipe: Pipeline, lora: LoraWeights | None, cache: LoraCache | None
 ) -> Iterator[None]:
     """``lora`` active on ``pipe`` (None: every adapter disabled) for the block.
 
@@ -140,7 +139,7 @@ def _lora_applied(
 
 
 @contextmanager
-def _scheduler_kept(pipe: StableDiffusionPipeline) -> Iterator[None]:
+def _scheduler_kept(pipe: Pipeline) -> Iterator[None]:
     """Put the pipeline's own scheduler back after the block swapped samplers."""
     original = pipe.scheduler
     try:
@@ -150,7 +149,7 @@ def _scheduler_kept(pipe: StableDiffusionPipeline) -> Iterator[None]:
 
 
 def _one_image(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     params: GenerateParams,
     seed: int,
     on_denoise_step: Callable[[int], None],
@@ -180,7 +179,7 @@ def _one_image(
 
 
 def generate_images(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     lora: bytes | LoraWeights | None,
     params: GenerateParams,
     on_step: Callable[[int, int], None],

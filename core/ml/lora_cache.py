@@ -68,10 +68,9 @@ from core.ml.lora_weights import (
 )
 
 if TYPE_CHECKING:
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-        StableDiffusionPipeline,
-    )
     from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from core.ml.families import Pipeline
 
 SwapMode = Literal["copy", "load", "hotswap"]
 
@@ -92,7 +91,7 @@ class LoraCache:
 
     def __init__(
         self,
-        pipe: StableDiffusionPipeline,
+        pipe: Pipeline,
         *,
         max_resident: int = 4,
         max_host_bytes: int = 1 << 30,

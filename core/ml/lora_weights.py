@@ -12,9 +12,7 @@ import torch
 from core.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-        StableDiffusionPipeline,
-    )
+    from core.ml.families import Pipeline
 
 StateDict = dict[str, torch.Tensor]
 _LORA_WEIGHT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
@@ -87,7 +85,7 @@ def _as_loaded(component: str, state: StateDict, model: torch.nn.Module) -> Stat
 
 
 def slot_parameter_names(
-    pipe: StableDiffusionPipeline, state: StateDict, slot: str
+    pipe: Pipeline, state: StateDict, slot: str
 ) -> dict[str, torch.Tensor] | None:
     """``state``'s tensors keyed ``"<component>.<parameter name>"`` as
     ``load_lora_weights`` places them in adapter ``slot``; None unless ``state`` is

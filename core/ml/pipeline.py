@@ -8,41 +8,36 @@ disk and names the command that fetches what is missing. The operator command
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
 from core.errors import CheckpointMissing, InvalidInput
+from core.ml.families import MODEL_INDEX, Family, Pipeline, get_family
 from core.ml.profiles import PROFILES, Profile, get_profile
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+        StableDiffusionXLPipeline,
+    )
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-MODEL_INDEX = "model_index.json"
-# What an SD 1.x repository needs for StableDiffusionPipeline, in safetensors only:
-# the hub repositories also hold .bin, fp16, EMA and single-file copies (tens of GB).
-SD1_DOWNLOAD_PATTERNS = (
-    MODEL_INDEX,
-    "scheduler/*.json",
-    "tokenizer/*",
-    "feature_extractor/*.json",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-)
-DOWNLOAD_PATTERNS: dict[str, tuple[str, ...]] = {"sd1": SD1_DOWNLOAD_PATTERNS}
+DEFAULT_FAMILY = "sd1"  # what callers that predate SDXL load
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -62,7 +57,7 @@ def _cached_snapshot(hub_id: str) -> Path | None:
 def fetch_command(profile: Profile, target: Path | None) -> str:
     """The shell command that puts ``profile``'s weights where we look."""
     if profile.hub_id is None:
-        return f"python -m core.ml.tiny {target}"
+        return f"python -m {profile.builder} {target}"
     suffix = f" --to {target}" if target is not None else ""
     return f"python -m core.ml.pipeline download {profile.name}{suffix}"
 
@@ -109,14 +104,37 @@ def torch_dtype(name: str) -> torch.dtype:
         ) from None
 
 
-def load_pipeline(path: Path, device: str, dtype: str) -> StableDiffusionPipeline:
-    """Load a pipeline for inference, with DPM-Solver++ and every weight frozen."""
-    pipe = StableDiffusionPipeline.from_pretrained(
-        path,
-        local_files_only=True,
-        dtype=torch_dtype(dtype),
-        safety_checker=None,
-        requires_safety_checker=False,
+def _check_family(path: Path, family: Family) -> None:
+    """Refuse a checkpoint of another family: loaded by the wrong pipeline class it
+    would fail later and obscurely (or half load)."""
+    saved_class = json.loads((path / MODEL_INDEX).read_text()).get("_class_name")
+    expected = family.pipeline_class.__name__
+    if saved_class != expected:
+        raise CheckpointMissing(
+            f"{path} holds a {saved_class} checkpoint; the {family.name!r} family "
+            f"loads {expected} checkpoints",
+            looked_at=[str(path)],
+        )
+
+
+# The pipeline class follows the family: callers that name it get its type.
+@overload
+def load_pipeline(
+    path: Path, device: str, dtype: str, family: Literal["sd1"] = ...
+) -> StableDiffusionPipeline: ...
+@overload
+def load_pipeline(
+    path: Path, device: str, dtype: str, family: Literal["sdxl"]
+) -> StableDiffusionXLPipeline: ...
+@overload
+def load_pipeline(path: Path, device: str, dtype: str, family: str) -> Pipeline: ...
+def load_pipeline(path: Path, device: str, dtype: str, family: str = DEFAULT_FAMILY) -> Pipeline:
+    """Load a ``family`` pipeline for inference, with DPM-Solver++ and every weight
+    frozen (text_encoder_2 too, for SDXL)."""
+    kind = get_family(family)
+    _check_family(path, kind)
+    pipe = kind.pipeline_class.from_pretrained(
+        path, local_files_only=True, dtype=torch_dtype(dtype), **kind.load_options
     )
     # The checkpoint's own schedule (betas, prediction type) with a better sampler.
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(
@@ -127,20 +145,18 @@ def load_pipeline(path: Path, device: str, dtype: str) -> StableDiffusionPipelin
     # Attention already uses torch's scaled_dot_product_attention (diffusers'
     # default processor on torch 2). Freezing the base weights lets training add
     # LoRA without any base gradient, and keeps generation allocation-free.
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in kind.modules(pipe).values():
         module.requires_grad_(False)
         module.eval()
     return pipe
 
 
-_use_locks: weakref.WeakKeyDictionary[StableDiffusionPipeline, threading.Lock] = (
-    weakref.WeakKeyDictionary()
-)
+_use_locks: weakref.WeakKeyDictionary[Pipeline, threading.Lock] = weakref.WeakKeyDictionary()
 _use_locks_guard = threading.Lock()
 
 
 @contextmanager
-def exclusive(pipe: StableDiffusionPipeline) -> Iterator[None]:
+def exclusive(pipe: Pipeline) -> Iterator[None]:
     """Hold ``pipe`` alone: training and generation both attach a LoRA adapter to
     the shared UNet, so two jobs on one pipeline at once would see each other's."""
     with _use_locks_guard:
@@ -150,19 +166,19 @@ def exclusive(pipe: StableDiffusionPipeline) -> Iterator[None]:
 
 
 class ResidentPipelines:
-    """Pipelines loaded once per process, keyed by (path, device, dtype)."""
+    """Pipelines loaded once per process, keyed by (path, device, dtype, family)."""
 
     def __init__(self) -> None:
-        self._pipelines: dict[tuple[str, str, str], StableDiffusionPipeline] = {}
+        self._pipelines: dict[tuple[str, str, str, str], Pipeline] = {}
         # Held while loading too, so two threads never load the same model twice.
         self._lock = threading.Lock()
 
-    def get(self, path: Path, device: str, dtype: str) -> StableDiffusionPipeline:
-        key = (str(Path(path).resolve()), device, dtype)
+    def get(self, path: Path, device: str, dtype: str, family: str = DEFAULT_FAMILY) -> Pipeline:
+        key = (str(Path(path).resolve()), device, dtype, family)
         with self._lock:
             pipe = self._pipelines.get(key)
             if pipe is None:
-                pipe = load_pipeline(Path(key[0]), device, dtype)
+                pipe = load_pipeline(Path(key[0]), device, dtype, family)
                 self._pipelines[key] = pipe
             return pipe
 
@@ -183,9 +199,7 @@ def download(profile: Profile, to: Path | None) -> Path:
             f"profile {profile.name!r} is built locally, not downloaded; "
             f"run: {fetch_command(profile, target)}"
         )
-    patterns = DOWNLOAD_PATTERNS.get(profile.family)
-    if patterns is None:
-        raise InvalidInput(f"no download recipe for model family {profile.family!r}")
+    patterns = get_family(profile.family).download_patterns
     where = snapshot_download(profile.hub_id, local_dir=to, allow_patterns=list(patterns))
     return Path(where)
 

@@ -2,7 +2,8 @@
 
 A profile names a base checkpoint and the hyper-parameters that suit it. Code
 never branches on a profile's name; it reads these fields. Adding a model is
-adding a row (``family`` leaves room for SDXL, whose pipeline differs).
+adding a row; ``family`` says which pipeline and prompt encoding it needs
+(``core.ml.families``: "sd1" or "sdxl").
 
 This module imports nothing heavy, so the API can validate profile names
 without loading torch.
@@ -23,6 +24,26 @@ hardware; the tiny profile's numbers are chosen for speed, not quality):
   its "16 GB GPU" recipe.
 - Min-SNR weighting: Hang et al. 2023 (arXiv:2303.09556); gamma = 5 is the
   value the paper uses and diffusers' ``--snr_gamma`` help recommends.
+
+Where the SDXL numbers come from (none measured on a GPU here yet):
+
+- diffusers' ``examples/dreambooth/README_sdxl.md``, the DreamBooth-LoRA recipe
+  for ``stabilityai/stable-diffusion-xl-base-1.0``: ``--resolution=1024
+  --learning_rate=1e-4 --lr_scheduler="constant" --max_train_steps=500``, on one
+  40 GB A100; its "< 16GB VRAM" variant adds ``--gradient_checkpointing
+  --use_8bit_adam --mixed_precision="fp16"`` (plus xformers, which torch's SDPA
+  replaces). When the text encoders are not trained, their embeddings are
+  precomputed; ``--train_text_encoder`` puts a LoRA on both. Its recipe runs
+  with ``--train_batch_size=1 --gradient_accumulation_steps=4``; atelier steps
+  on every batch (one photo, plus one class image with prior preservation).
+- ``train_dreambooth_lora_sdxl.py`` defaults: ``--rank=4``,
+  ``--num_class_images=100``, ``--prior_loss_weight=1.0``, LoRA on the UNet's
+  ``to_q/to_k/to_v/to_out.0`` and the CLIP encoders' ``q/k/v/out_proj``, and
+  ``--snr_gamma`` (the same Min-SNR as above).
+- ``StableDiffusionXLPipeline.__call__``: ``guidance_scale=5.0``; the README's
+  inference example uses ``num_inference_steps=25``.
+- SDXL's VAE overflows in fp16 (the README points at a patched VAE for that);
+  bf16 has fp32's range, so the preset autocasts in bf16 instead.
 """
 
 from __future__ import annotations
@@ -32,11 +53,13 @@ from typing import Literal
 
 from core.errors import InvalidInput
 
-# The UNet attention projections LoRA adapts in every SD 1.x profile: the usual
-# DreamBooth-LoRA choice (query, key, value and output of each attention block).
-SD1_ATTENTION_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-# The CLIP text encoder's attention projections, as diffusers' script adapts them
-# when it trains the text encoder too.
+# The UNet attention projections LoRA adapts in every profile: the usual
+# DreamBooth-LoRA choice (query, key, value and output of each attention block),
+# in diffusers' SD 1.x and SDXL scripts alike.
+UNET_ATTENTION_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+SD1_ATTENTION_MODULES = UNET_ATTENTION_MODULES  # the name benchmarks import
+# The CLIP text encoders' attention projections, as diffusers' scripts adapt them
+# when they train the text encoder(s) too (both of SDXL's).
 CLIP_ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -45,7 +68,7 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 @dataclass(frozen=True)
 class Profile:
     name: str
-    family: str  # pipeline family: "sd1" today, "sdxl" later
+    family: str  # pipeline family, a key of core.ml.families.FAMILIES: "sd1", "sdxl"
     resolution: int  # training and default generation side, in pixels
     train_steps: int  # default number of optimizer steps for a training job
     learning_rate: float
@@ -55,6 +78,8 @@ class Profile:
     inference_steps: int  # DPM-Solver++ steps per image (class images too)
     guidance_scale: float
     hub_id: str | None  # Hugging Face repository; None when built locally
+    # Module whose `python -m <builder> PATH` builds the checkpoint (hub_id None).
+    builder: str | None = None
     # --- DreamBooth prior preservation ----------------------------------------------
     prior_preservation: bool = True
     prior_loss_weight: float = 1.0  # lambda: loss = instance + lambda * prior
@@ -62,7 +87,7 @@ class Profile:
     # --- training mechanics -----------------------------------------------------------
     checkpoint_every: int = 100  # steps between resumable checkpoints (0 = none)
     snr_gamma: float | None = None  # Min-SNR loss weighting; None = plain MSE
-    train_text_encoder: bool = False  # also a LoRA on the CLIP text encoder
+    train_text_encoder: bool = False  # also a LoRA on the CLIP text encoder(s)
     text_encoder_target_modules: tuple[str, ...] = CLIP_ATTENTION_MODULES
     gradient_checkpointing: bool = False  # UNet activations recomputed in backward
     mixed_precision: MixedPrecision = "no"  # autocast dtype on CUDA; LoRA weights stay fp32
@@ -82,10 +107,11 @@ TINY = Profile(
     learning_rate=1e-3,
     lora_rank=4,
     lora_alpha=4,
-    lora_target_modules=SD1_ATTENTION_MODULES,
+    lora_target_modules=UNET_ATTENTION_MODULES,
     inference_steps=15,
     guidance_scale=5.0,
     hub_id=None,
+    builder="core.ml.tiny",
     prior_preservation=True,
     prior_loss_weight=1.0,
     class_images=4,  # a handful: generating 100 would dominate a test run
@@ -107,7 +133,7 @@ SD15 = Profile(
     # than the README's dog. Not measured here.
     lora_rank=8,
     lora_alpha=8,  # alpha = rank, as the script sets it (scale 1)
-    lora_target_modules=SD1_ATTENTION_MODULES,
+    lora_target_modules=UNET_ATTENTION_MODULES,
     inference_steps=30,
     guidance_scale=7.5,  # the SD 1.x pipeline default, also used for class images
     hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -132,7 +158,40 @@ SD15 = Profile(
 # SD v1.4 shares v1.5's architecture and recipe; only the weights differ.
 SD14 = replace(SD15, name="sd14", hub_id="CompVis/stable-diffusion-v1-4")
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (TINY, SD15, SD14)}
+SDXL = Profile(
+    name="sdxl",
+    family="sdxl",
+    resolution=1024,  # SDXL base's native side; README_sdxl --resolution=1024
+    train_steps=500,  # README_sdxl --max_train_steps=500
+    learning_rate=1e-4,  # README_sdxl --learning_rate=1e-4 (constant schedule)
+    # Our choice, as for sd15: twice the script's --rank default of 4 for faces.
+    lora_rank=8,
+    lora_alpha=8,  # alpha = rank, as the script sets it (scale 1)
+    lora_target_modules=UNET_ATTENTION_MODULES,
+    inference_steps=25,  # README_sdxl's inference example
+    guidance_scale=5.0,  # StableDiffusionXLPipeline's default, also for class images
+    hub_id="stabilityai/stable-diffusion-xl-base-1.0",
+    prior_preservation=True,  # DreamBooth paper (the README found SDXL fine without it)
+    prior_loss_weight=1.0,  # the script's --prior_loss_weight default
+    class_images=100,  # the script's --num_class_images default
+    # Ours: the script's default (500) is the whole run; a retried attempt of a
+    # worker that died should lose at most 100 steps, as on sd15.
+    checkpoint_every=100,
+    snr_gamma=5.0,  # Min-SNR paper's gamma; the script's --snr_gamma
+    train_text_encoder=False,  # README_sdxl: optional, LoRA on both encoders when on
+    gradient_checkpointing=True,  # README_sdxl "< 16GB VRAM" recipe
+    mixed_precision="bf16",  # that recipe says fp16, which SDXL's VAE overflows in
+    # Off, as on sd15, though the "< 16GB VRAM" recipe has --use_8bit_adam: a rank-8
+    # LoRA on SDXL's UNet is 11.6 M parameters (bench.sdxl_checkpoint --dry-run), so
+    # 8-bit moments would save ~70 MB beside a 5 GB fp16 UNet. True is one field away.
+    use_8bit_adam=False,
+    crop_jitter=0.1,  # as sd15
+)
+# Built locally by `python -m core.ml.tiny_sdxl`: SDXL's architecture (two text
+# encoders, size and crop conditioning) shrunk to tiny's size and speed.
+TINY_SDXL = replace(TINY, name="tiny-sdxl", family="sdxl", builder="core.ml.tiny_sdxl")
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (TINY, SD15, SD14, SDXL, TINY_SDXL)}
 
 
 def get_profile(name: str) -> Profile:

@@ -10,11 +10,9 @@ Run ``python -m core.ml.tiny [PATH]`` to build it (default: <models_dir>/tiny).
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
@@ -23,11 +21,11 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import Stabl
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from core.ml.local_checkpoint import build_atomically, builder_main, is_complete
 from core.ml.profiles import get_profile
 from core.ml.tokenizer import build_clip_tokenizer
 
 PROFILE_NAME = "tiny"
-CHECKPOINT_DIR_MODE = 0o755
 
 # Architecture of the tiny model, in one place.
 CHANNELS = (32, 64)  # UNet and VAE block widths: the smallest that GroupNorm(32) allows
@@ -66,12 +64,12 @@ REQUIRED_FILES = (
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    return all((path / name).is_file() for name in REQUIRED_FILES)
+    return is_complete(path, REQUIRED_FILES)
 
 
-def _unet(latent_side: int) -> UNet2DConditionModel:
+def _unet(side: int) -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=latent_side,
+        sample_size=side,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         block_out_channels=CHANNELS,
@@ -81,7 +79,8 @@ def _unet(latent_side: int) -> UNet2DConditionModel:
     )
 
 
-def _vae(image_side: int) -> AutoencoderKL:
+def vae(image_side: int, **options: float) -> AutoencoderKL:
+    """The tiny VAE; ``options`` are further config values (SDXL's scaling factor)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -90,35 +89,48 @@ def _vae(image_side: int) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * len(CHANNELS),
         latent_channels=LATENT_CHANNELS,
         sample_size=image_side,
+        **options,
+    )
+
+
+def latent_side(image_side: int) -> int:
+    """The VAE halves the side once per block after the first."""
+    return image_side // 2 ** (len(CHANNELS) - 1)
+
+
+def text_config(
+    width: int, mlp_width: int, projection_dim: int, pad_id: int, **options: Any
+) -> CLIPTextConfig:
+    """A tiny CLIP text tower on CLIP's real vocabulary and 77 positions;
+    ``options`` are further config values (SDXL's second encoder's activation)."""
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        max_position_embeddings=CLIP_POSITIONS,
+        hidden_size=width,
+        intermediate_size=mlp_width,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=TEXT_HEADS,
+        projection_dim=projection_dim,
+        bos_token_id=CLIP_BOS_ID,
+        eos_token_id=CLIP_EOS_ID,
+        pad_token_id=pad_id,
+        **options,
     )
 
 
 def _text_encoder() -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        max_position_embeddings=CLIP_POSITIONS,
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=TEXT_MLP_WIDTH,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=TEXT_HEADS,
-        projection_dim=TEXT_WIDTH,
-        bos_token_id=CLIP_BOS_ID,
-        eos_token_id=CLIP_EOS_ID,
-        pad_token_id=CLIP_EOS_ID,
-    )
-    return CLIPTextModel(config)
+    return CLIPTextModel(text_config(TEXT_WIDTH, TEXT_MLP_WIDTH, TEXT_WIDTH, CLIP_EOS_ID))
 
 
 def _save_pipeline(out_dir: Path, seed: int) -> None:
     resolution = get_profile(PROFILE_NAME).resolution
-    # The VAE halves the side once per block after the first.
-    latent_side = resolution // 2 ** (len(CHANNELS) - 1)
     # Seed the global RNG (module init uses it) without disturbing the caller's.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet, vae, text_encoder = _unet(latent_side), _vae(resolution), _text_encoder()
+        unet, autoencoder = _unet(latent_side(resolution)), vae(resolution)
+        text_encoder = _text_encoder()
     pipe = StableDiffusionPipeline(
-        vae=vae,
+        vae=autoencoder,
         text_encoder=text_encoder,
         tokenizer=build_clip_tokenizer(out_dir / "tokenizer"),
         unet=unet,
@@ -132,51 +144,13 @@ def _save_pipeline(out_dir: Path, seed: int) -> None:
 
 
 def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Build the tiny checkpoint at ``path`` unless a complete one is there.
-
-    The build goes to a sibling temporary directory renamed into place at the
-    end, so an interrupted build never leaves a half checkpoint at ``path``.
-    """
-    if is_complete_checkpoint(path):
-        return path
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists but is not a complete checkpoint; remove it first")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
-    # mkdtemp makes it private (0700); the checkpoint is meant to be shared read-only.
-    staging.chmod(CHECKPOINT_DIR_MODE)
-    try:
-        _save_pipeline(staging, seed)
-        if path.exists():
-            path.rmdir()  # empty, checked above
-        staging.rename(path)
-    except OSError:
-        # Another process may have finished the same build first: accept its result.
-        if not is_complete_checkpoint(path):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    """Build the tiny checkpoint at ``path`` unless a complete one is there
+    (atomically: see ``core.ml.local_checkpoint``)."""
+    return build_atomically(path, _save_pipeline, REQUIRED_FILES, seed)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) > 1 or (args and args[0].startswith("-")):
-        print("usage: python -m core.ml.tiny [PATH]", file=sys.stderr)
-        return 2
-    if args:
-        path = Path(args[0])
-    else:
-        from core.settings import Settings
-
-        path = Settings().models_dir / PROFILE_NAME
-    if is_complete_checkpoint(path):
-        print(f"tiny checkpoint already complete at {path}; nothing to do")
-        return 0
-    started = time.monotonic()
-    build_tiny_checkpoint(path)
-    print(f"built tiny checkpoint at {path} in {time.monotonic() - started:.1f} s")
-    return 0
+    return builder_main(argv, PROFILE_NAME, build_tiny_checkpoint, REQUIRED_FILES)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ EOS_TOKEN = "<|endoftext|>"
 # ("int too big to convert") because the tokenizer's default max is huge.
 MODEL_MAX_LENGTH = 77
 MERGES_HEADER = "#version: 0.2"
+# SDXL's second tokenizer (OpenCLIP ViT-bigG's) pads with "!" (id 0) where
+# OpenAI's pads with the end token; its text encoder reads the pooled output at
+# the first end token either way.
+OPENCLIP_PAD_TOKEN = "!"
 
 
 def _read_merges() -> list[str]:
@@ -48,7 +52,7 @@ def _vocabulary(merges: list[str]) -> dict[str, int]:
     return {token: index for index, token in enumerate(tokens)}
 
 
-def build_clip_tokenizer(out_dir: Path) -> CLIPTokenizer:
+def build_clip_tokenizer(out_dir: Path, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
     """Write ``vocab.json`` and ``merges.txt`` into ``out_dir`` and load them."""
     from transformers import CLIPTokenizer
 
@@ -64,4 +68,5 @@ def build_clip_tokenizer(out_dir: Path) -> CLIPTokenizer:
         vocab=str(vocab_path),
         merges=str(merges_path),
         model_max_length=MODEL_MAX_LENGTH,
+        pad_token=pad_token,
     )

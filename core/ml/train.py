@@ -1,11 +1,13 @@
 """DreamBooth-LoRA training on a resident pipeline.
 
 The base weights stay frozen; a peft LoRA adapter is added to the UNet's attention
-projections (and, optionally, the CLIP text encoder's), trained with the denoising
+projections (and, optionally, the CLIP text encoders'), trained with the denoising
 loss on the subject's photos paired with the instance prompt, plus DreamBooth's
 prior-preservation term on class images paired with the class prompt, exported in
 the format stock diffusers loads, and removed. The pipeline is shared with
-generation, so it is left exactly as it was found.
+generation, so it is left exactly as it was found. What SD 1.x and SDXL do
+differently (prompt encoding, the UNet's conditioning) is the pipeline's
+``Family`` (``core.ml.families``); this module is written once for both.
 
 A run can hand out resumable snapshots (``on_checkpoint`` every ``checkpoint_every``
 steps) and be resumed from one (``resume``): see ``core.ml.train_state``.
@@ -26,18 +28,16 @@ from PIL import Image
 
 from core import errors
 from core.errors import InvalidInput
+from core.ml.families import Family, PromptEmbeddings, family_of
 from core.ml.pipeline import exclusive
 from core.ml.profiles import CLIP_ATTENTION_MODULES, MixedPrecision
-from core.ml.train_data import LatentViews, encode_views, prompt_ids, randn, sample_latents
+from core.ml.train_data import LatentViews, encode_views, randn, sample_example
 from core.ml.train_lora import add_adapters, export_lora, restored
 from core.ml.train_loss import dreambooth_loss, noise_target, random_timesteps
 from core.ml.train_state import TrainState, cpu_copy, fingerprint, optimizer_kind
 
 if TYPE_CHECKING:
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-        StableDiffusionPipeline,
-    )
-
+    from core.ml.families import Pipeline
     from core.ml.profiles import Profile
 
 log = logging.getLogger("atelier.ml.train")
@@ -110,13 +110,16 @@ class PriorPreservation:
 class _Run:
     """Everything the steps of one run share."""
 
-    pipe: StableDiffusionPipeline
+    pipe: Pipeline
+    family: Family
     params: TrainParams
     noise_scheduler: DDPMScheduler
     instance: LatentViews
     classes: LatentViews | None
-    ids: torch.Tensor  # token ids: the instance prompt, then the class prompt
-    embeddings: torch.Tensor | None  # precomputed unless the text encoder trains
+    # Token ids per text encoder, each with a row for the instance prompt, then
+    # one for the class prompt.
+    ids: tuple[torch.Tensor, ...]
+    embeddings: PromptEmbeddings | None  # precomputed unless the text encoders train
     trainable: list[tuple[str, torch.nn.Parameter]]
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -154,7 +157,7 @@ def _make_optimizer(
     return torch.optim.AdamW(parameters, lr=params.learning_rate, weight_decay=1e-2)
 
 
-def _autocast_dtype(pipe: StableDiffusionPipeline, params: TrainParams) -> torch.dtype | None:
+def _autocast_dtype(pipe: Pipeline, params: TrainParams) -> torch.dtype | None:
     """The autocast dtype of the forward passes, None for plain fp32."""
     unet = pipe.unet
     if unet.device.type == "cuda" and params.mixed_precision != "no":
@@ -185,14 +188,15 @@ def run_fingerprint(
 
 
 def _prepare(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     photos: list[Image.Image],
     instance_prompt: str,
     params: TrainParams,
     prior: PriorPreservation | None,
     adapter: str,
 ) -> _Run:
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    family = family_of(pipe)
+    for module in family.modules(pipe).values():
         module.requires_grad_(False)
     if params.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
@@ -200,11 +204,11 @@ def _prepare(
     classes = None
     if prior is not None:
         classes = encode_views(pipe, prior.images, params.resolution, params.crop_jitter)
-    ids = prompt_ids(pipe, [instance_prompt] + ([prior.prompt] if prior else []))
+    ids = family.tokenize(pipe, [instance_prompt] + ([prior.prompt] if prior else []))
     embeddings = None
     if not params.train_text_encoder:
         with torch.no_grad():
-            embeddings = pipe.text_encoder(ids)[0]
+            embeddings = family.encode(pipe, ids)
     trainable = add_adapters(pipe, params, adapter)
     device = pipe.unet.device
     dtype = _autocast_dtype(pipe, params)
@@ -212,9 +216,11 @@ def _prepare(
     scaling = device.type == "cuda" and dtype == torch.float16
     pipe.unet.train()
     if params.train_text_encoder:
-        pipe.text_encoder.train()
+        for encoder in family.text_encoders(pipe).values():
+            encoder.train()
     return _Run(
         pipe=pipe,
+        family=family,
         params=params,
         # The forward process the model was trained with, from the checkpoint's schedule.
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
@@ -235,17 +241,19 @@ def _loss(run: _Run) -> torch.Tensor:
     """One denoising-loss evaluation: a random view of one photo (and of one class
     image, prior preservation's half of the batch), random noise and timesteps."""
     pipe, generator, scheduler = run.pipe, run.generator, run.noise_scheduler
-    examples = [sample_latents(run.instance, generator)]
+    examples = [sample_example(run.instance, generator)]
     if run.classes is not None:
-        examples.append(sample_latents(run.classes, generator))
-    latents = torch.cat(examples) * pipe.vae.config.scaling_factor
+        examples.append(sample_example(run.classes, generator))
+    latents = torch.cat([e.latents for e in examples]) * pipe.vae.config.scaling_factor
+    micro = torch.tensor([e.time_ids for e in examples], dtype=torch.float32)
     noise = randn(latents.shape, generator, latents)
     t = random_timesteps(scheduler, len(latents), generator, latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     unet = pipe.unet
     with _autocast(run):
-        hidden = run.embeddings if run.embeddings is not None else pipe.text_encoder(run.ids)[0]
-        prediction = unet(noisy.to(unet.dtype), t, encoder_hidden_states=hidden.to(unet.dtype))
+        text = run.embeddings if run.embeddings is not None else run.family.encode(pipe, run.ids)
+        conditioning = run.family.unet_kwargs(unet, text, micro)
+        prediction = unet(noisy.to(unet.dtype), t, **conditioning)
     prior_weight = run.params.prior_loss_weight if run.classes is not None else None
     target = noise_target(scheduler, latents, noise, t)
     return dreambooth_loss(
@@ -316,7 +324,7 @@ def _check_inputs(
 
 
 def train_dreambooth_lora(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     photos: list[Image.Image],
     instance_prompt: str,
     params: TrainParams,

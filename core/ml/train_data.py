@@ -1,4 +1,4 @@
-"""What DreamBooth training sees: latent views of the images, and prompt token ids.
+"""What DreamBooth training sees: latent views of the images.
 
 Every image is VAE-encoded once, before the first step, in every view the
 augmentation can pick: as it is and mirrored, and (with crop jitter) also
@@ -8,10 +8,16 @@ Picking a mirrored view is a random horizontal flip; a window of the enlarged
 view is a random zoom and crop. Cropping the latent grid stands in for cropping
 pixels: the VAE encoder is convolutional, so away from the borders the latents
 of a crop are the crop of the latents, and no step pays for a VAE pass.
+
+Each example also carries SDXL's micro-conditioning (``core.ml.families.time_ids``),
+as diffusers' SDXL script records it: the size of the image it came from, the
+top-left corner of its window in the resized view, and the training size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,10 +25,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from core.ml.families import time_ids
+
 if TYPE_CHECKING:
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-        StableDiffusionPipeline,
-    )
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+    from core.ml.families import Pipeline
 
 PIXEL_SCALE = 127.5  # maps 0..255 to -1..1
 
@@ -34,6 +42,17 @@ class LatentViews:
     means: list[torch.Tensor]
     stds: list[torch.Tensor]
     side: int  # latent side of one training example
+    # (height, width) in pixels of the image each view was encoded from.
+    original_sizes: list[tuple[int, int]]
+    factor: int  # pixels per latent along a side
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: unscaled latents (1, C, side, side) and its time ids."""
+
+    latents: torch.Tensor
+    time_ids: tuple[int, ...]
 
 
 def photo_tensor(photo: Image.Image, side: int) -> torch.Tensor:
@@ -43,7 +62,7 @@ def photo_tensor(photo: Image.Image, side: int) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def vae_downscale(pipe: StableDiffusionPipeline) -> int:
+def vae_downscale(pipe: Pipeline) -> int:
     """Pixels per latent along a side: the VAE halves the side once per extra block."""
     return int(2 ** (len(pipe.vae.config.block_out_channels) - 1))
 
@@ -54,25 +73,44 @@ def view_sides(latent_side: int, crop_jitter: float) -> tuple[int, ...]:
     return (latent_side,) if enlarged <= latent_side else (latent_side, enlarged)
 
 
+@contextmanager
+def _encoding_precision(vae: AutoencoderKL) -> Iterator[None]:
+    """Encode in fp32 with an fp16 VAE whose config says ``force_upcast`` (SDXL's
+    overflows in fp16; its pipeline upcasts it the same way to decode), and cast it
+    back after."""
+    upcast = vae.dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
+    # diffusers' wrapper around ModelMixin.to hides its signature from mypy.
+    if upcast:
+        vae.to(dtype=torch.float32)  # type: ignore[call-arg]
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)  # type: ignore[call-arg]
+
+
 @torch.no_grad()
 def encode_views(
-    pipe: StableDiffusionPipeline, images: list[Image.Image], resolution: int, crop_jitter: float
+    pipe: Pipeline, images: list[Image.Image], resolution: int, crop_jitter: float
 ) -> LatentViews:
     vae = pipe.vae
     factor = vae_downscale(pipe)
     side = resolution // factor
     means: list[torch.Tensor] = []
     stds: list[torch.Tensor] = []
-    for image in images:
-        for latent_side in view_sides(side, crop_jitter):
-            pixels = photo_tensor(image, latent_side * factor)
-            # Two images per VAE call, not all at once: at 512 px a batch of 2N
-            # images would cost gigabytes of activations.
-            pair = torch.stack([pixels, pixels.flip(-1)]).to(vae.device, vae.dtype)
-            posterior = vae.encode(pair).latent_dist
-            means.extend(posterior.mean.float().split(1))
-            stds.extend(posterior.std.float().split(1))
-    return LatentViews(means, stds, side)
+    sizes: list[tuple[int, int]] = []
+    with _encoding_precision(vae):
+        for image in images:
+            for latent_side in view_sides(side, crop_jitter):
+                pixels = photo_tensor(image, latent_side * factor)
+                # Two images per VAE call, not all at once: at 512 px a batch of 2N
+                # images would cost gigabytes of activations.
+                pair = torch.stack([pixels, pixels.flip(-1)]).to(vae.device, vae.dtype)
+                posterior = vae.encode(pair).latent_dist
+                means.extend(posterior.mean.float().split(1))
+                stds.extend(posterior.std.float().split(1))
+                sizes.extend([(image.height, image.width)] * len(pair))
+    return LatentViews(means, stds, side, sizes, factor)
 
 
 def randn(shape: torch.Size, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -85,8 +123,8 @@ def _draw(bound: int, generator: torch.Generator) -> int:
     return int(torch.randint(bound, (1,), generator=generator))
 
 
-def sample_latents(views: LatentViews, generator: torch.Generator) -> torch.Tensor:
-    """One training example, unscaled: a random view, a random window, a posterior sample."""
+def sample_example(views: LatentViews, generator: torch.Generator) -> Example:
+    """One training example: a random view, a random window, a posterior sample."""
     pick = _draw(len(views.means), generator)
     mean, std = views.means[pick], views.stds[pick]
     side = views.side
@@ -94,16 +132,13 @@ def sample_latents(views: LatentViews, generator: torch.Generator) -> torch.Tens
     left = _draw(mean.shape[-1] - side + 1, generator)
     window = (..., slice(top, top + side), slice(left, left + side))
     mean, std = mean[window], std[window]
-    return mean + std * randn(mean.shape, generator, mean)
+    pixels = side * views.factor
+    micro = time_ids(
+        views.original_sizes[pick], (top * views.factor, left * views.factor), (pixels, pixels)
+    )
+    return Example(mean + std * randn(mean.shape, generator, mean), micro)
 
 
-def prompt_ids(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    tokenizer = pipe.tokenizer
-    ids = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return ids.to(pipe.text_encoder.device)
+def sample_latents(views: LatentViews, generator: torch.Generator) -> torch.Tensor:
+    """One training example's unscaled latents (see ``sample_example``)."""
+    return sample_example(views, generator).latents

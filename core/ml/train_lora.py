@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-if TYPE_CHECKING:
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-        StableDiffusionPipeline,
-    )
+from core.ml.families import family_of
 
+if TYPE_CHECKING:
+    from core.ml.families import Pipeline
     from core.ml.train import TrainParams
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -46,34 +45,42 @@ class _ModuleState:
 
 
 @contextmanager
-def restored(pipe: StableDiffusionPipeline) -> Iterator[None]:
+def restored(pipe: Pipeline) -> Iterator[None]:
     """Undo everything training does to the pipeline, even on error or cancel."""
-    modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    family = family_of(pipe)
+    modules = family.modules(pipe)
     saved = {name: _ModuleState.of(module) for name, module in modules.items()}
     checkpointing = pipe.unet.is_gradient_checkpointing
-    peft_flag = getattr(pipe.text_encoder, "_hf_peft_config_loaded", False)
+    encoders = family.text_encoders(pipe)
+    peft_flags = {
+        name: getattr(encoder, "_hf_peft_config_loaded", False)
+        for name, encoder in encoders.items()
+    }
     try:
         yield
     finally:
         if pipe.unet.is_gradient_checkpointing and not checkpointing:
             pipe.unet.disable_gradient_checkpointing()
         # Removes the peft wrappers themselves, not only the adapter weights, so the
-        # modules and state-dict keys are the original ones again (text encoder too).
+        # modules and state-dict keys are the original ones again (text encoders too).
         pipe.unload_lora_weights()
-        pipe.text_encoder._hf_peft_config_loaded = peft_flag
+        for name, encoder in encoders.items():
+            encoder._hf_peft_config_loaded = peft_flags[name]
         for name, module in modules.items():
             saved[name].restore(module)
 
 
 def add_adapters(
-    pipe: StableDiffusionPipeline, params: TrainParams, adapter: str
+    pipe: Pipeline, params: TrainParams, adapter: str
 ) -> list[tuple[str, torch.nn.Parameter]]:
-    """Add the LoRA adapters; return the trainable parameters, named by component."""
+    """Add the LoRA adapters; return the trainable parameters, named by component
+    ("unet", and "text_encoder", "text_encoder_2" when they train)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     targets: dict[str, tuple[Any, tuple[str, ...]]] = {"unet": (pipe.unet, params.target_modules)}
     if params.train_text_encoder:
-        targets["text_encoder"] = (pipe.text_encoder, params.text_encoder_target_modules)
+        for name, encoder in family_of(pipe).text_encoders(pipe).items():
+            targets[name] = (encoder, params.text_encoder_target_modules)
     device = pipe.unet.device
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     # peft initialises the new weights from torch's global RNG: seed it locally.
@@ -120,9 +127,10 @@ def _lora_layers(module: torch.nn.Module, adapter: str, scale: float) -> dict[st
     return dict(convert_state_dict_to_diffusers(folded))
 
 
-def export_lora(pipe: StableDiffusionPipeline, adapter: str, params: TrainParams) -> bytes:
+def export_lora(pipe: Pipeline, adapter: str, params: TrainParams) -> bytes:
     """The adapters as one diffusers LoRA safetensors file (keys "unet." and, when
-    the text encoder trained, "text_encoder."), alpha folded into lora_B.
+    the text encoders trained, "text_encoder." and for SDXL "text_encoder_2."),
+    alpha folded into lora_B.
 
     Diffusers' file format has no alpha unless a metadata header carries it, and a
     state dict loaded from bytes loses that header; a loader then assumes
@@ -131,7 +139,9 @@ def export_lora(pipe: StableDiffusionPipeline, adapter: str, params: TrainParams
     scale = params.alpha / params.rank
     layers: dict[str, Any] = {"unet_lora_layers": _lora_layers(pipe.unet, adapter, scale)}
     if params.train_text_encoder:
-        layers["text_encoder_lora_layers"] = _lora_layers(pipe.text_encoder, adapter, scale)
+        # save_lora_weights takes "<component>_lora_layers" for each of its components.
+        for name, encoder in family_of(pipe).text_encoders(pipe).items():
+            layers[f"{name}_lora_layers"] = _lora_layers(encoder, adapter, scale)
     with tempfile.TemporaryDirectory(prefix="atelier-lora-") as folder:
         # The pipeline class's own writer: the file layout its load_lora_weights reads.
         type(pipe).save_lora_weights(folder, weight_name=LORA_WEIGHT_NAME, **layers)

@@ -7,7 +7,7 @@ generator every step draws from, the step reached and the loss history. Resuming
 from it and running to the end gives the same LoRA as an uninterrupted run (bit
 for bit on CPU, where every kernel here is deterministic).
 
-No other random source matters: the base weights are frozen, SD 1.x and CLIP
+No other random source matters: the base weights are frozen, SD 1.x, SDXL and CLIP
 have no active dropout, LoRA dropout is 0, the adapter's initial values are
 overwritten by the snapshot, and gradient checkpointing restores torch's global
 RNG around its recomputation. So the process-wide RNG is neither saved nor
@@ -39,7 +39,7 @@ FORMAT = 1
 class TrainState:
     step: int  # optimizer steps done
     total: int  # steps the run will have in all
-    lora: dict[str, torch.Tensor]  # trainable values by "unet.<name>" / "text_encoder.<name>"
+    lora: dict[str, torch.Tensor]  # trainable values by "<component>.<name>" ("unet", ...)
     optimizer: dict[str, Any]  # the optimizer's state_dict(), tensors on the CPU
     optimizer_kind: str  # e.g. "torch.optim.AdamW": a state only loads into the same kind
     generator: torch.Tensor  # get_state() of the CPU generator the steps draw from
