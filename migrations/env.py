@@ -9,8 +9,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
-import core.db.catalog_models  # noqa: F401  (registers the tables on SQLModel.metadata)
-import core.db.models  # noqa: F401
+# Imported for their side effect: they register every table on SQLModel.metadata.
+from core.db import catalog_models, models  # noqa: F401
 from core.db.engine import make_engine
 from core.settings import Settings
 
