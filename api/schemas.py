@@ -41,6 +41,12 @@ class SubjectOut(BaseModel):
 
 class TrainIn(BaseModel):
     steps: int | None = Field(None, ge=1, description="training steps (default: the profile's)")
+    with_subjects: list[uuid.UUID] = Field(
+        default_factory=list,
+        description="other subjects of the account to learn in the same run, each bound to"
+        " its own token; every subject of the run gets the LoRA (at most"
+        " ATELIER_MAX_SUBJECTS_PER_RUN subjects in all)",
+    )
 
 
 class GenerationIn(BaseModel):

@@ -4,6 +4,10 @@ A generation needs the subject's LoRA for the active profile. If there is none,
 the generation waits on the subject's training job (an active one, or a new
 one created here): the scheduler only hands it out once training succeeded,
 and fails it with the reason if training did not.
+
+A training job may learn several subjects of the account at once
+(``with_subjects``), each bound to its own token; the job's params list them all
+(``subject_ids``), and every one of them gets the LoRA.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core import jobs
-from core.db.models import Job, JobKind, Output
+from core.db.models import Job, JobKind, Output, Subject
 from core.errors import InvalidInput, NotFound
 from core.ml.profiles import get_profile
 from core.settings import Settings
-from core.subjects import get_subject, latest_lora
+from core.subjects import get_subject, latest_lora, subject_photos
 
 # Seeds are recorded per image as seed + i; keep them in a range every generator takes.
 MAX_SEED = 2**31 - 1
@@ -87,6 +91,41 @@ def check_prompt(prompt: str, settings: Settings, field: str = "prompt") -> str:
     return text
 
 
+async def _run_subjects(
+    session: AsyncSession,
+    settings: Settings,
+    account_id: uuid.UUID,
+    subject_id: uuid.UUID,
+    with_subjects: list[uuid.UUID],
+) -> list[Subject]:
+    """The subjects of a training run: the one trained, then ``with_subjects``, all
+    the account's, each with photos, each with its own token."""
+    field = "with_subjects"
+    ids = [subject_id, *with_subjects]
+    if len(set(ids)) != len(ids):
+        raise InvalidInput("with_subjects lists a subject twice (or the one trained)", field=field)
+    if len(ids) > settings.max_subjects_per_run:
+        raise InvalidInput(
+            f"a run trains at most {settings.max_subjects_per_run} subjects", field=field
+        )
+    run = [await get_subject(session, account_id, subject_id)]
+    for other in with_subjects:
+        try:
+            run.append(await get_subject(session, account_id, other))
+        except NotFound:
+            # Another account's subject reads as unknown, as everywhere in the API.
+            raise InvalidInput(
+                f"subject {other} not found", field=field, subject=str(other)
+            ) from None
+    for subject in run:
+        if not await subject_photos(session, subject.id):
+            raise InvalidInput(f"subject {subject.id} has no photos", field=field)
+    if len({subject.token for subject in run}) != len(run):
+        # Subjects made before tokens were picked per account may share one.
+        raise InvalidInput("the subjects of a run need distinct tokens", field=field)
+    return run
+
+
 async def request_training(
     session: AsyncSession,
     settings: Settings,
@@ -94,14 +133,17 @@ async def request_training(
     subject_id: uuid.UUID,
     *,
     steps: int | None = None,
+    with_subjects: list[uuid.UUID] | None = None,
     idempotency_key: str | None = None,
 ) -> Job:
-    await get_subject(session, account_id, subject_id)
+    run = await _run_subjects(session, settings, account_id, subject_id, with_subjects or [])
     if steps is not None and not 1 <= steps <= settings.max_train_steps:
         raise InvalidInput(f"steps must be 1-{settings.max_train_steps}", field="steps")
     params: dict[str, Any] = {"profile": settings.profile}
     if steps is not None:
         params["steps"] = steps
+    if len(run) > 1:
+        params["subject_ids"] = [str(subject.id) for subject in run]
     job = await jobs.create_job(
         session,
         account_id=account_id,

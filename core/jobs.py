@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, update
+from sqlalchemy import and_, func, or_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -283,10 +283,12 @@ async def acknowledge_cancel(session: AsyncSession, job_id: uuid.UUID, worker_id
 async def active_job_for_subject(
     session: AsyncSession, subject_id: uuid.UUID, kind: JobKind
 ) -> Job | None:
+    # A run of several subjects belongs to its first; the others are in its params.
+    in_run = col(Job.params).contains({"subject_ids": [str(subject_id)]})
     query = (
         select(Job)
         .where(
-            col(Job.subject_id) == subject_id,
+            or_(col(Job.subject_id) == subject_id, in_run),
             col(Job.kind) == kind.value,
             col(Job.status).in_([s.value for s in ACTIVE]),
         )

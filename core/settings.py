@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = 500
     max_images: int = 8
     max_train_steps: int = 5000
+    # Subjects one training run may learn at once (``with_subjects`` plus the one
+    # trained): each adds its photos to the run and shares its steps.
+    max_subjects_per_run: int = Field(4, ge=1)
 
     # --- jobs ---------------------------------------------------------------------
     job_max_attempts: int = Field(3, ge=1)

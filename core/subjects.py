@@ -4,6 +4,11 @@ Creation is all-or-nothing: photos are validated, normalized and checked for
 one face first, then each photo and its training crop around the face are
 written to the blob store, then the rows are committed; any failure removes the
 blobs already written. Everything a subject owns lives under one blob prefix.
+
+A LoRA trained on several subjects at once holds each one's likeness: every
+subject of the run gets its own copy (a ``lora`` row and a blob under its prefix,
+``trained_with`` naming the whole run), and erasing any one of them erases all
+the copies, and the training jobs of runs that included it.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import delete
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.db.models import Lora, Subject, SubjectPhoto
+from core.db.models import Job, Lora, Subject, SubjectPhoto
 from core.errors import InvalidInput, NotFound
 from core.photos import NormalizedPhoto, PhotoLimits, check_photo_count, normalize_photo
 from core.storage import BlobStore
@@ -59,6 +65,12 @@ def output_key(subject_id: uuid.UUID, job_id: uuid.UUID, position: int) -> str:
     return f"{subject_prefix(subject_id)}outputs/{job_id}/{position}.png"
 
 
+def checkpoint_prefix(subject_id: uuid.UUID, job_id: uuid.UUID) -> str:
+    """A training job's resumable checkpoints, under the subject the job belongs to
+    (the first subject of a run of several)."""
+    return f"{subject_prefix(subject_id)}checkpoints/{job_id}"
+
+
 @dataclass(frozen=True)
 class Upload:
     filename: str
@@ -95,9 +107,8 @@ async def create_subject(
         raise InvalidInput(f"name is longer than {MAX_NAME_CHARS} characters", field="name")
     # Decoding photos is CPU work: keep it off the event loop.
     photos = await asyncio.to_thread(_normalize_all, uploads, limits)
-    subject = Subject(
-        account_id=account_id, name=name, class_noun=noun, token=secrets.choice(RARE_TOKENS)
-    )
+    token = await _free_token(session, account_id)
+    subject = Subject(account_id=account_id, name=name, class_noun=noun, token=token)
     try:
         for position, photo in enumerate(photos):
             key = photo_key(subject.id, position)
@@ -128,6 +139,14 @@ async def create_subject(
     return subject
 
 
+async def _free_token(session: AsyncSession, account_id: uuid.UUID) -> str:
+    """A rare token none of the account's subjects has, so any of them can train
+    together (one token per person in a run); any token once all are taken."""
+    query = select(Subject.token).where(col(Subject.account_id) == account_id)
+    used = set((await session.exec(query)).all())
+    return secrets.choice([t for t in RARE_TOKENS if t not in used] or RARE_TOKENS)
+
+
 async def get_subject(
     session: AsyncSession, account_id: uuid.UUID, subject_id: uuid.UUID
 ) -> Subject:
@@ -143,7 +162,7 @@ async def subject_photos(session: AsyncSession, subject_id: uuid.UUID) -> list[S
         .where(col(SubjectPhoto.subject_id) == subject_id)
         .order_by(col(SubjectPhoto.position))
     )
-    return list((await session.exec(query)).all())
+    return list((await session.execute(query)).scalars().all())
 
 
 async def latest_lora(session: AsyncSession, subject_id: uuid.UUID, profile: str) -> Lora | None:
@@ -159,12 +178,45 @@ async def latest_lora(session: AsyncSession, subject_id: uuid.UUID, profile: str
 async def delete_subject(
     session: AsyncSession, store: BlobStore, account_id: uuid.UUID, subject_id: uuid.UUID
 ) -> None:
-    """Erase the subject: rows cascade (photos, LoRAs, jobs, outputs), then the bytes.
+    """Erase the subject: rows cascade (photos, LoRAs, jobs, outputs), then the bytes;
+    with them every copy of a LoRA it was trained into with other subjects, and
+    the training jobs (and their checkpoints) of runs that included it.
 
     A worker still running one of its jobs finds the job gone at its next
     heartbeat, stops, and removes whatever it wrote under the prefix.
     """
     subject = await get_subject(session, account_id, subject_id)
+    # The runs first: deleting a job waits for a worker committing its success, so
+    # the copies that success wrote are seen by the query after.
+    checkpoints = await _delete_runs_including(session, subject_id)
+    copies = await _delete_shared_copies(session, subject_id)
     await session.delete(subject)
     await session.commit()
     await store.delete_prefix(subject_prefix(subject_id))
+    for key in copies:
+        await store.delete(key)
+    for prefix in checkpoints:
+        await store.delete_prefix(prefix)
+
+
+async def _delete_runs_including(session: AsyncSession, subject_id: uuid.UUID) -> list[str]:
+    """Delete other subjects' training jobs that also train on this one; return
+    their checkpoint prefixes (the subject's own jobs go with it by cascade)."""
+    member = col(Job.params).contains({"subject_ids": [str(subject_id)]})
+    query = (
+        delete(Job)
+        .where(member, col(Job.subject_id) != subject_id)
+        .returning(col(Job.id), col(Job.subject_id))
+    )
+    rows = (await session.execute(query)).all()
+    return [checkpoint_prefix(owner, job_id) for job_id, owner in rows if owner is not None]
+
+
+async def _delete_shared_copies(session: AsyncSession, subject_id: uuid.UUID) -> list[str]:
+    """Delete the other subjects' copies of LoRAs trained on this one too; return
+    their blob keys."""
+    shared = col(Lora.trained_with).contains([str(subject_id)])
+    query = (
+        delete(Lora).where(shared, col(Lora.subject_id) != subject_id).returning(col(Lora.blob_key))
+    )
+    return list((await session.execute(query)).scalars().all())

@@ -1,12 +1,18 @@
 """The `train` job: the subject's photos in, a DreamBooth-LoRA in the blob store out.
 
+A job whose params list ``subject_ids`` (a request ``with_subjects``) trains one
+LoRA on all of them, each bound to its own token, with the class images of each
+one's noun; every subject gets a ``lora`` row and its own copy of the file under
+its prefix, ``trained_with`` naming the whole run (see ``core.subjects``).
+
 Besides the LoRA, training keeps two kinds of blobs:
 
 - **class images** for prior preservation, ``class_images/<profile>/<noun>/<i>.png``:
   drawn by the base model from "a photo of a <noun>" the first time a profile
   trains that noun, then shared by every later job. They hold nothing of any
   user, so they live outside ``subjects/`` and survive subject erasure.
-- **checkpoints**, ``subjects/<subject>/checkpoints/<job>/latest``: a resumable
+- **checkpoints**, ``subjects/<subject>/checkpoints/<job>/latest`` (the job's own
+  subject, the first of a run of several): a resumable
   training state (``core.ml.train_state``) written every ``checkpoint_every``
   steps, one atomic put each. A retried attempt of the job (worker killed,
   handed back on SIGTERM, reaped) resumes from it and still ends at the same
@@ -28,16 +34,16 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from core import ml_runtime
-from core.db.models import Job, Lora
+from core.db.models import Job, Lora, Subject
 from core.errors import Canceled
 from core.execution import JobContext, JobResult
 from core.ml_runtime import resident_pipeline
 from core.storage import BlobNotFound, BlobStore
-from core.subjects import get_subject, lora_key, subject_photos, subject_prefix
+from core.subjects import checkpoint_prefix, get_subject, lora_key, subject_photos
 
 if TYPE_CHECKING:
     from core.ml.profiles import Profile
-    from core.ml.train import PriorPreservation, TrainParams
+    from core.ml.train import InstanceSet, PriorPreservation, TrainParams
     from core.ml.train_state import TrainState
     from core.settings import Settings
 
@@ -51,10 +57,6 @@ CHECKPOINT_WRITE_TIMEOUT_S = 60.0
 
 def class_image_key(profile: str, class_noun: str, index: int) -> str:
     return f"class_images/{profile}/{class_noun.replace(' ', '-')}/{index}.png"
-
-
-def checkpoint_prefix(subject_id: uuid.UUID, job_id: uuid.UUID) -> str:
-    return f"{subject_prefix(subject_id)}checkpoints/{job_id}"
 
 
 def checkpoint_key(subject_id: uuid.UUID, job_id: uuid.UUID) -> str:
@@ -113,8 +115,14 @@ async def cached_class_images(
 
 
 async def _class_images(
-    ctx: JobContext, pipe: Any, profile: Profile, class_noun: str, count: int
+    ctx: JobContext,
+    pipe: Any,
+    profile: Profile,
+    class_noun: str,
+    count: int,
+    progress: tuple[float, float] = (_LOAD, _CLASS),
 ) -> PriorPreservation:
+    """The noun's class images, reporting within ``progress`` (start, weight)."""
     from core.ml.class_images import class_prompt, generate_class_images
     from core.ml.train import PriorPreservation
 
@@ -125,7 +133,7 @@ async def _class_images(
         )
         return pngs[0]
 
-    ctx.progress.stage("preparing class images", start=_LOAD, weight=_CLASS)
+    ctx.progress.stage("preparing class images", start=progress[0], weight=progress[1])
     pngs = await cached_class_images(
         ctx.store, profile.name, class_noun, count, make, lambda d, t: ctx.progress.step(d, t)
     )
@@ -189,18 +197,59 @@ async def _cancel_requested(ctx: JobContext) -> bool:
     return row is None or row.cancel_requested
 
 
-async def _load_photos(ctx: JobContext) -> tuple[Any, list[Image.Image]]:
-    job = ctx.job
+def run_subject_ids(job: Job) -> list[uuid.UUID]:
+    """The subjects a training job learns, its own first."""
+    listed = job.params.get("subject_ids")
+    if listed:
+        return [uuid.UUID(subject_id) for subject_id in listed]
     assert job.subject_id is not None
+    return [job.subject_id]
+
+
+async def _photos(ctx: JobContext, subject: Subject) -> list[Image.Image]:
     async with ctx.sessions() as session:
-        subject = await get_subject(session, job.account_id, job.subject_id)
         rows = await subject_photos(session, subject.id)
     photos = []
     for row in rows:
         # The face-centred training crop where the photo has one.
         key = getattr(row, "train_blob_key", None) or row.blob_key
         photos.append(Image.open(io.BytesIO(await ctx.store.get(key))).convert("RGB"))
-    return subject, photos
+    return photos
+
+
+async def _load_subjects(ctx: JobContext) -> list[tuple[Subject, list[Image.Image]]]:
+    """Every subject of the run with its photos; one erased meanwhile fails the job."""
+    job = ctx.job
+    async with ctx.sessions() as session:
+        subjects = [
+            await get_subject(session, job.account_id, subject_id)
+            for subject_id in run_subject_ids(job)
+        ]
+    return [(subject, await _photos(ctx, subject)) for subject in subjects]
+
+
+async def _instance_sets(
+    ctx: JobContext,
+    pipe: Any,
+    profile: Profile,
+    class_images: int,
+    run: list[tuple[Subject, list[Image.Image]]],
+) -> list[InstanceSet]:
+    """What the run trains on: each subject's photos and prompt, and (with prior
+    preservation) the class images of its noun, made once per noun."""
+    from core.ml.generate import instance_prompt
+    from core.ml.train import InstanceSet
+
+    nouns = list(dict.fromkeys(subject.class_noun for subject, _ in run))
+    priors: dict[str, PriorPreservation] = {}
+    share = _CLASS / len(nouns)
+    for i, noun in enumerate(nouns if class_images else []):
+        progress = (_LOAD + i * share, share)
+        priors[noun] = await _class_images(ctx, pipe, profile, noun, class_images, progress)
+    return [
+        InstanceSet(photos, instance_prompt(s.token, s.class_noun), priors.get(s.class_noun))
+        for s, photos in run
+    ]
 
 
 def _forget_resident_loras(pipe: Any) -> None:
@@ -212,24 +261,22 @@ def _forget_resident_loras(pipe: Any) -> None:
 
 
 async def run_training(ctx: JobContext) -> JobResult:
-    from core.ml.generate import instance_prompt
     from core.ml.profiles import get_profile
-    from core.ml.train import run_fingerprint, train_dreambooth_lora
+    from core.ml.train import subjects_run_fingerprint, train_subjects
 
     job = ctx.job
     profile = get_profile(job.params["profile"])
     steps = int(job.params.get("steps") or ctx.settings.train_steps or profile.train_steps)
     plan = plan_training(profile, ctx.settings, steps, seed=job.attempts)
     ctx.progress.stage("loading photos and model", start=0.0, weight=_LOAD)
-    subject, photos = await _load_photos(ctx)
+    run = await _load_subjects(ctx)
+    subjects = [subject for subject, _ in run]
+    owner = subjects[0].id  # the job's subject: its checkpoints live under its prefix
     pipe = await ctx.compute(resident_pipeline, ctx.settings, profile)
     ctx.raise_if_stopped()
-    prior = None
-    if plan.class_images:
-        prior = await _class_images(ctx, pipe, profile, subject.class_noun, plan.class_images)
-    prompt = instance_prompt(subject.token, subject.class_noun)
-    key = checkpoint_key(subject.id, job.id)
-    expected = await asyncio.to_thread(run_fingerprint, plan.params, photos, prompt, prior)
+    sets = await _instance_sets(ctx, pipe, profile, plan.class_images, run)
+    key = checkpoint_key(owner, job.id)
+    expected = await asyncio.to_thread(subjects_run_fingerprint, plan.params, sets)
     resume = await _checkpoint_to_resume(ctx, key, expected)
 
     ctx.progress.stage("training", start=_LOAD + _CLASS, weight=_TRAIN)
@@ -242,31 +289,29 @@ async def run_training(ctx: JobContext) -> JobResult:
     await ctx.compute(_forget_resident_loras, pipe)
     try:
         lora = await ctx.compute(
-            train_dreambooth_lora,
+            train_subjects,
             pipe,
-            photos,
-            prompt,
+            sets,
             plan.params,
             on_step=on_step,
             should_stop=ctx.stop.is_set,
-            prior=prior,
             resume=resume,
             on_checkpoint=_checkpoint_writer(ctx, key, asyncio.get_running_loop()),
             checkpoint_every=plan.checkpoint_every,
         )
     except Canceled:
-        # A checkpoint holds a model of the subject: gone with a canceled job. A job
+        # A checkpoint holds a model of the subjects: gone with a canceled job. A job
         # taken from this worker keeps it for the attempt that replaces this one.
         if await _cancel_requested(ctx):
-            await ctx.store.delete_prefix(checkpoint_prefix(subject.id, job.id))
+            await ctx.store.delete_prefix(checkpoint_prefix(owner, job.id))
         raise
     ctx.progress.stage("saving", start=_LOAD + _CLASS + _TRAIN, weight=1 - _LOAD - _CLASS - _TRAIN)
-    return await _save(ctx, subject.id, profile, steps, lora, losses, resume, plan)
+    return await _save(ctx, subjects, profile, steps, lora, losses, resume, plan)
 
 
 async def _save(
     ctx: JobContext,
-    subject_id: uuid.UUID,
+    subjects: list[Subject],
     profile: Profile,
     steps: int,
     lora: bytes,
@@ -275,25 +320,36 @@ async def _save(
     plan: TrainPlan,
 ) -> JobResult:
     job = ctx.job
-    key = lora_key(subject_id, profile.name, job.id)
-    await ctx.put_blob(key, lora)
-    await ctx.store.delete_prefix(checkpoint_prefix(subject_id, job.id))
-    row = Lora(
-        subject_id=subject_id,
-        job_id=job.id,
-        profile=profile.name,
-        rank=profile.lora_rank,
-        steps=steps,
-        blob_key=key,
-        bytes=len(lora),
-        sha256=hashlib.sha256(lora).hexdigest(),
-    )
+    sha256 = hashlib.sha256(lora).hexdigest()
+    trained_with = [str(subject.id) for subject in subjects]
+    rows: list[Lora] = []
+    for subject in subjects:
+        # A copy under each subject's own prefix: what a subject owns stays in one
+        # place, and erasing any of them deletes the others' copies by row.
+        key = lora_key(subject.id, profile.name, job.id)
+        await ctx.put_blob(key, lora)
+        rows.append(
+            Lora(
+                subject_id=subject.id,
+                job_id=job.id,
+                profile=profile.name,
+                rank=profile.lora_rank,
+                steps=steps,
+                blob_key=key,
+                bytes=len(lora),
+                sha256=sha256,
+                trained_with=trained_with,
+            )
+        )
+    await ctx.store.delete_prefix(checkpoint_prefix(subjects[0].id, job.id))
     result = {
-        "lora_id": str(row.id),
+        "lora_id": str(rows[0].id),
+        "subject_ids": trained_with,
+        "lora_ids": [str(row.id) for row in rows],
         "steps": steps,
         "final_loss": losses[-1] if losses else None,
         "resumed_from_step": resume.step if resume else 0,
         "prior_preservation": plan.class_images > 0,
         "class_images": plan.class_images,
     }
-    return JobResult(result=result, rows=[row], blob_keys=[key])
+    return JobResult(result=result, rows=list(rows), blob_keys=[row.blob_key for row in rows])

@@ -81,6 +81,7 @@ async def train_subject(
         account,
         subject_id,
         steps=body.steps if body else None,
+        with_subjects=body.with_subjects if body else None,
         idempotency_key=idempotency_key,
     )
     return JobOut.of(job)

@@ -12,7 +12,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    String,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
@@ -122,6 +131,12 @@ class Lora(SQLModel, table=True):
     blob_key: str
     bytes: int = Field(sa_type=BigInteger)
     sha256: str
+    # Every subject (ids as strings) the LoRA was trained on, this one included: a
+    # run of several subjects leaves one copy per subject, and erasing any of them
+    # erases every copy. Rows from before runs of several subjects hold [].
+    trained_with: list[str] = Field(
+        default_factory=list, sa_type=JSONB, sa_column_kwargs={"server_default": text("'[]'")}
+    )
     created_at: datetime = _created()
 
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 StateDict = dict[str, torch.Tensor]
 _LORA_WEIGHT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+TEXT_MODEL_PREFIX = "text_model."
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,26 @@ def _as_loaded(component: str, state: StateDict, model: torch.nn.Module) -> Stat
     state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
     if not hasattr(model, "text_model"):
         # Recent transformers flatten CLIPTextModel; the loader strips the prefix then.
-        state = {key.removeprefix("text_model."): value for key, value in state.items()}
+        state = {key.removeprefix(TEXT_MODEL_PREFIX): value for key, value in state.items()}
     return state
+
+
+def with_text_model_prefix(layers: StateDict, encoder: torch.nn.Module) -> StateDict:
+    """A CLIP text encoder's LoRA layers keyed as the diffusers file format has them,
+    under ``text_model.`` ("text_encoder.text_model.encoder.layers.0...").
+
+    transformers 5 flattened CLIPTextModel (no ``text_model`` submodule), so peft
+    names the layers without the prefix; diffusers' current loader strips it again
+    for such an encoder (as ``_as_loaded`` does), but loaders on transformers 4,
+    and the LoRA files published for SD 1.x and SDXL, have it, and a loader that
+    finds no keys it knows skips the text encoder without an error.
+    """
+    if hasattr(encoder, "text_model"):
+        return layers
+    return {
+        key if key.startswith(TEXT_MODEL_PREFIX) else f"{TEXT_MODEL_PREFIX}{key}": value
+        for key, value in layers.items()
+    }
 
 
 def slot_parameter_names(

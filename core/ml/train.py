@@ -9,6 +9,8 @@ generation, so it is left exactly as it was found. What SD 1.x and SDXL do
 differently (prompt encoding, the UNet's conditioning) is the pipeline's
 ``Family`` (``core.ml.families``); this module is written once for both.
 
+One run may learn several subjects, each bound to its own token
+(``train_subjects``; ``core.ml.train_subjects`` has how their examples are drawn).
 A run can hand out resumable snapshots (``on_checkpoint`` every ``checkpoint_every``
 steps) and be resumed from one (``resume``): see ``core.ml.train_state``.
 """
@@ -31,10 +33,20 @@ from core.errors import InvalidInput
 from core.ml.families import Family, PromptEmbeddings, family_of
 from core.ml.pipeline import exclusive
 from core.ml.profiles import CLIP_ATTENTION_MODULES, MixedPrecision
-from core.ml.train_data import LatentViews, encode_views, randn, sample_example
+from core.ml.train_data import randn
 from core.ml.train_lora import add_adapters, export_lora, restored
 from core.ml.train_loss import dreambooth_loss, noise_target, random_timesteps
-from core.ml.train_state import TrainState, cpu_copy, fingerprint, optimizer_kind
+from core.ml.train_state import TrainState, cpu_copy, optimizer_kind
+from core.ml.train_subjects import (
+    InstanceSet,
+    PriorPreservation,
+    SubjectViews,
+    check_subjects,
+    encode_subjects,
+    prompts,
+    select_rows,
+    subjects_fingerprint,
+)
 
 if TYPE_CHECKING:
     from core.ml.families import Pipeline
@@ -98,14 +110,6 @@ class TrainParams:
         )
 
 
-@dataclass(frozen=True)
-class PriorPreservation:
-    """DreamBooth's class images and the prompt they were generated from."""
-
-    images: list[Image.Image]
-    prompt: str
-
-
 @dataclass
 class _Run:
     """Everything the steps of one run share."""
@@ -114,10 +118,9 @@ class _Run:
     family: Family
     params: TrainParams
     noise_scheduler: DDPMScheduler
-    instance: LatentViews
-    classes: LatentViews | None
-    # Token ids per text encoder, each with a row for the instance prompt, then
-    # one for the class prompt.
+    views: SubjectViews
+    # Token ids per text encoder, each with a row per instance prompt, then one
+    # per class prompt (see core.ml.train_subjects.prompts).
     ids: tuple[torch.Tensor, ...]
     embeddings: PromptEmbeddings | None  # precomputed unless the text encoders train
     trainable: list[tuple[str, torch.nn.Parameter]]
@@ -182,29 +185,24 @@ def run_fingerprint(
     prior: PriorPreservation | None,
 ) -> str:
     """What a checkpoint must have been trained on to resume this run."""
-    prompts = [instance_prompt, prior.prompt if prior else ""]
-    images = photos + (prior.images if prior else [])
-    return fingerprint(params, prompts, images, {"prior": prior is not None}, HOW_NOT_WHAT)
+    return subjects_run_fingerprint(params, [InstanceSet(photos, instance_prompt, prior)])
+
+
+def subjects_run_fingerprint(params: TrainParams, subjects: list[InstanceSet]) -> str:
+    """``run_fingerprint`` of a run of several subjects (the same for one)."""
+    return subjects_fingerprint(params, subjects, HOW_NOT_WHAT)
 
 
 def _prepare(
-    pipe: Pipeline,
-    photos: list[Image.Image],
-    instance_prompt: str,
-    params: TrainParams,
-    prior: PriorPreservation | None,
-    adapter: str,
+    pipe: Pipeline, subjects: list[InstanceSet], params: TrainParams, adapter: str
 ) -> _Run:
     family = family_of(pipe)
     for module in family.modules(pipe).values():
         module.requires_grad_(False)
     if params.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    instance = encode_views(pipe, photos, params.resolution, params.crop_jitter)
-    classes = None
-    if prior is not None:
-        classes = encode_views(pipe, prior.images, params.resolution, params.crop_jitter)
-    ids = family.tokenize(pipe, [instance_prompt] + ([prior.prompt] if prior else []))
+    views = encode_subjects(pipe, subjects, params.resolution, params.crop_jitter)
+    ids = family.tokenize(pipe, prompts(subjects))
     embeddings = None
     if not params.train_text_encoder:
         with torch.no_grad():
@@ -224,8 +222,7 @@ def _prepare(
         params=params,
         # The forward process the model was trained with, from the checkpoint's schedule.
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        instance=instance,
-        classes=classes,
+        views=views,
         ids=ids,
         embeddings=embeddings,
         trainable=trainable,
@@ -233,17 +230,24 @@ def _prepare(
         scaler=torch.amp.GradScaler(device.type, enabled=scaling),
         autocast_dtype=dtype,
         generator=torch.Generator().manual_seed(params.seed),
-        fingerprint=run_fingerprint(params, photos, instance_prompt, prior),
+        fingerprint=subjects_run_fingerprint(params, subjects),
     )
 
 
-def _loss(run: _Run) -> torch.Tensor:
-    """One denoising-loss evaluation: a random view of one photo (and of one class
-    image, prior preservation's half of the batch), random noise and timesteps."""
+def _text(run: _Run, rows: list[int]) -> PromptEmbeddings:
+    """The conditioning of a step's examples; encoded each step when the text
+    encoders train (only the rows the step uses: the others get no gradient)."""
+    if run.embeddings is not None:
+        return select_rows(run.embeddings, rows)
+    return run.family.encode(run.pipe, tuple(ids[rows] for ids in run.ids))
+
+
+def _loss(run: _Run, step: int) -> torch.Tensor:
+    """One denoising-loss evaluation: a random view of one photo of the step's
+    subject (and of one class image of its noun, prior preservation's half of the
+    batch), random noise and timesteps."""
     pipe, generator, scheduler = run.pipe, run.generator, run.noise_scheduler
-    examples = [sample_example(run.instance, generator)]
-    if run.classes is not None:
-        examples.append(sample_example(run.classes, generator))
+    examples, rows = run.views.batch(step, generator)
     latents = torch.cat([e.latents for e in examples]) * pipe.vae.config.scaling_factor
     micro = torch.tensor([e.time_ids for e in examples], dtype=torch.float32)
     noise = randn(latents.shape, generator, latents)
@@ -251,18 +255,17 @@ def _loss(run: _Run) -> torch.Tensor:
     noisy = scheduler.add_noise(latents, noise, t)
     unet = pipe.unet
     with _autocast(run):
-        text = run.embeddings if run.embeddings is not None else run.family.encode(pipe, run.ids)
-        conditioning = run.family.unet_kwargs(unet, text, micro)
+        conditioning = run.family.unet_kwargs(unet, _text(run, rows), micro)
         prediction = unet(noisy.to(unet.dtype), t, **conditioning)
-    prior_weight = run.params.prior_loss_weight if run.classes is not None else None
+    prior_weight = run.params.prior_loss_weight if len(examples) > 1 else None
     target = noise_target(scheduler, latents, noise, t)
     return dreambooth_loss(
         prediction.sample, target, t, scheduler, prior_weight, run.params.snr_gamma
     )
 
 
-def _step(run: _Run) -> float:
-    loss = _loss(run)
+def _step(run: _Run, step: int) -> float:
+    loss = _loss(run, step)
     run.optimizer.zero_grad(set_to_none=True)
     # A disabled scaler passes the loss and the step through unchanged.
     run.scaler.scale(loss).backward()
@@ -308,19 +311,14 @@ def _resume(run: _Run, state: TrainState) -> None:
     run.generator.set_state(state.generator)
 
 
-def _check_inputs(
-    photos: list[Image.Image], params: TrainParams, prior: PriorPreservation | None
-) -> None:
-    if not photos:
-        raise InvalidInput("training needs at least one photo")
+def _check_inputs(subjects: list[InstanceSet], params: TrainParams) -> None:
+    check_subjects(subjects)
     if params.steps < 1 or params.rank < 1 or params.alpha < 1 or params.learning_rate <= 0:
         raise InvalidInput(f"invalid training parameters: {params}")
     if params.prior_loss_weight < 0 or not 0 <= params.crop_jitter < 1:
         raise InvalidInput(f"invalid training parameters: {params}")
     if params.snr_gamma is not None and params.snr_gamma <= 0:
         raise InvalidInput(f"snr_gamma must be positive, not {params.snr_gamma}")
-    if prior is not None and not prior.images:
-        raise InvalidInput("prior preservation needs at least one class image")
 
 
 def train_dreambooth_lora(
@@ -349,10 +347,32 @@ def train_dreambooth_lora(
     such a snapshot of the same run (same ``run_fingerprint``, else ValueError) up
     to ``params.steps``; the result equals an uninterrupted run's.
     """
-    _check_inputs(photos, params, prior)
+    subject = InstanceSet(photos, instance_prompt, prior)
+    return train_subjects(
+        pipe, [subject], params, on_step, should_stop,
+        resume=resume, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every,
+    )  # fmt: skip
+
+
+def train_subjects(
+    pipe: Pipeline,
+    subjects: list[InstanceSet],
+    params: TrainParams,
+    on_step: Callable[[int, int, float], None],
+    should_stop: Callable[[], bool],
+    *,
+    resume: TrainState | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    checkpoint_every: int = 0,
+) -> bytes:
+    """``train_dreambooth_lora`` for one or more subjects, each with its own
+    instance prompt (its own token) and the class images of its noun: step k
+    trains subject (k - 1) % N. One subject is exactly ``train_dreambooth_lora``;
+    checkpoints are matched with ``subjects_run_fingerprint``."""
+    _check_inputs(subjects, params)
     adapter = f"atelier_train_{uuid.uuid4().hex}"
     with exclusive(pipe), restored(pipe), torch.enable_grad():
-        run = _prepare(pipe, photos, instance_prompt, params, prior, adapter)
+        run = _prepare(pipe, subjects, params, adapter)
         losses: list[float] = []
         if resume is not None:
             _resume(run, resume)
@@ -360,7 +380,7 @@ def train_dreambooth_lora(
         for step in range(len(losses) + 1, params.steps + 1):
             if should_stop():
                 raise Canceled(f"training canceled before step {step} of {params.steps}")
-            losses.append(_step(run))
+            losses.append(_step(run, step))
             if on_checkpoint and checkpoint_every > 0 and step % checkpoint_every == 0:
                 if step < params.steps:
                     on_checkpoint(_capture(run, step, losses))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from core.ml.families import family_of
+from core.ml.lora_weights import with_text_model_prefix
 
 if TYPE_CHECKING:
     from core.ml.families import Pipeline
@@ -129,8 +130,8 @@ def _lora_layers(module: torch.nn.Module, adapter: str, scale: float) -> dict[st
 
 def export_lora(pipe: Pipeline, adapter: str, params: TrainParams) -> bytes:
     """The adapters as one diffusers LoRA safetensors file (keys "unet." and, when
-    the text encoders trained, "text_encoder." and for SDXL "text_encoder_2."),
-    alpha folded into lora_B.
+    the text encoders trained, "text_encoder.text_model." and for SDXL
+    "text_encoder_2.text_model."), alpha folded into lora_B.
 
     Diffusers' file format has no alpha unless a metadata header carries it, and a
     state dict loaded from bytes loses that header; a loader then assumes
@@ -141,7 +142,8 @@ def export_lora(pipe: Pipeline, adapter: str, params: TrainParams) -> bytes:
     if params.train_text_encoder:
         # save_lora_weights takes "<component>_lora_layers" for each of its components.
         for name, encoder in family_of(pipe).text_encoders(pipe).items():
-            layers[f"{name}_lora_layers"] = _lora_layers(encoder, adapter, scale)
+            encoder_layers = _lora_layers(encoder, adapter, scale)
+            layers[f"{name}_lora_layers"] = with_text_model_prefix(encoder_layers, encoder)
     with tempfile.TemporaryDirectory(prefix="atelier-lora-") as folder:
         # The pipeline class's own writer: the file layout its load_lora_weights reads.
         type(pipe).save_lora_weights(folder, weight_name=LORA_WEIGHT_NAME, **layers)
