@@ -125,6 +125,14 @@ class Settings(BaseSettings):
     crawl_max_gone_fraction: float = Field(0.5, gt=0, le=1)
     # Download and pad product images (off only for benchmarks of page crawling).
     crawl_images: bool = True
+    # A site entry with trust_sitemap_lastmod skips product pages whose sitemap
+    # <lastmod> is not newer than what we hold, unless we last read them longer
+    # ago than this: a shop whose lastmods lie is still caught.
+    crawl_revalidate_after_s: int = Field(7 * 24 * 3600, ge=0)
+    # Page outcomes are written in batches of up to this many pages, or what came
+    # within this many seconds, one transaction each.
+    crawl_write_batch: int = Field(50, ge=1)
+    crawl_write_batch_s: float = Field(0.1, gt=0)
     # Catalog images are padded onto a square of this side.
     catalog_image_side: int = 512
     # The CPU worker's Prometheus port (0 = off).

@@ -14,7 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -22,21 +22,30 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core.catalog.fetch import CrawlErrorKind, Fetcher, FetchResult
 from core.catalog.records import ChangeKind
 from core.catalog.sites import Site
-from core.db.catalog_models import CrawlPage
 from core.metrics import CRAWL_BYTES, CRAWL_ERRORS, CRAWL_PAGES, CRAWL_PRODUCTS
 from core.settings import Settings
 from core.storage import BlobStore
+
+if TYPE_CHECKING:
+    from core.catalog.writer import CatalogWriter, Outcome
 
 log = logging.getLogger("atelier.catalog")
 _MB = 1_000_000
 # Unexpected failures on this many pages in a row stop the crawl: something is
 # broken everywhere (the database is down...), not on one page.
-_MAX_FAILURES_IN_A_ROW: Final = 20
+MAX_FAILURES_IN_A_ROW: Final = 20
 # Bodies larger than this are parsed in a thread: lxml on a few MB takes long
 # enough to stall every other request of the crawl (and the progress line).
 _PARSE_IN_THREAD_BYTES: Final = 256 * 1024
 T = TypeVar("T")
 P = ParamSpec("P")
+
+
+class Validators(Protocol):
+    @property
+    def etag(self) -> str | None: ...
+    @property
+    def last_modified(self) -> str | None: ...
 
 
 class CrawlAborted(Exception):
@@ -153,6 +162,8 @@ class CrawlContext:
     fetcher: Fetcher
     run_id: uuid.UUID
     tally: CrawlTally
+    # Where page handlers leave their outcomes (set by crawl_site).
+    writer: CatalogWriter | None = None
     # Every URL this run has queued, listings and products: a page is visited once.
     seen: set[str] = field(default_factory=set)
     failures_in_a_row: int = 0
@@ -163,7 +174,12 @@ class CrawlContext:
         self.seen.add(url)
         return True
 
-    async def fetch_page(self, url: str, previous: CrawlPage | None) -> FetchResult:
+    async def write(self, outcome: Outcome) -> None:
+        """Hand one page's outcome to the writer (batched, see writer.py)."""
+        assert self.writer is not None, "crawl_site sets the writer"
+        await self.writer.put(outcome)
+
+    async def fetch_page(self, url: str, previous: Validators | None) -> FetchResult:
         """A conditional GET when we hold validators from the last visit."""
         result = await self.fetcher.fetch(
             url,
@@ -191,7 +207,7 @@ class CrawlContext:
             log.exception("handling %s failed", url)
             self.tally.error(CrawlErrorKind.internal, url, repr(exc), unvisited=True)
             self.failures_in_a_row += 1
-            if self.failures_in_a_row >= _MAX_FAILURES_IN_A_ROW:
+            if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
                 raise CrawlAborted(f"{self.failures_in_a_row} pages in a row failed") from exc
             return None
         self.failures_in_a_row = 0

@@ -2,6 +2,7 @@
 
     lock the site -> crawl_run row (running) -> discovery walkers ─┐ bounded queue
                                                  fetch workers <───┘ of product URLs
+                                                 writer (batches of page outcomes)
     -> all pages visited? mark unseen products gone -> run row (status, counts)
 
 A crawl is *complete* when every page it discovered got a definitive answer
@@ -11,8 +12,9 @@ nothing links to any more are asked again first (a removed product answers
 it ``succeeded``. One that ends with
 pages unanswered (timeouts, 5xx after retries) is ``failed``: the catalog is
 consistent, just not known to be complete; the next run picks up. A stop event
-or a cancellation ends it promptly as ``interrupted``: in-flight product
-transactions roll back, finished ones stay.
+or a cancellation ends it promptly as ``interrupted``: the batch being written
+rolls back (with what waited to be written, it is fetched again next time),
+written ones stay.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from sqlalchemy import func, update
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -33,9 +35,10 @@ from core.catalog import store
 from core.catalog.context import CrawlAborted, CrawlContext, CrawlProgress, CrawlTally
 from core.catalog.discover import discover
 from core.catalog.fetch import CrawlErrorKind, Fetcher
-from core.catalog.product_pages import visit_product
+from core.catalog.product_pages import ProductVisit, visit_product
 from core.catalog.records import ChangeKind
 from core.catalog.sites import known_sites, load_site
+from core.catalog.writer import CatalogWriter
 from core.db.catalog_models import CrawlRun, CrawlStatus, Product
 from core.db.engine import session_scope
 from core.db.models import utcnow
@@ -65,7 +68,7 @@ async def crawl_site(
 ) -> CrawlRun:
     """Crawl ``site`` once. Raises Conflict if a crawl of it is already running."""
     entry = load_site(settings, site)
-    async with store.site_lock(_engine_of(sessions), site):
+    async with store.site_lock(store.engine_of(sessions), site):
         run_id = await _create_run(sessions, site, job_id)
         tally = CrawlTally(site)
         reporter = asyncio.create_task(_report(sessions, run_id, tally, progress))
@@ -96,13 +99,6 @@ async def crawl_site(
     return run
 
 
-def _engine_of(sessions: async_sessionmaker[AsyncSession]) -> AsyncEngine:
-    engine = sessions.kw.get("bind")
-    if not isinstance(engine, AsyncEngine):
-        raise TypeError("crawl_site needs a sessionmaker bound to an AsyncEngine")
-    return engine
-
-
 async def _crawl_unless_stopped(ctx: CrawlContext, stop: asyncio.Event | None) -> bool:
     """True if the crawl ran to its end, False if ``stop`` was set first."""
     crawl = asyncio.create_task(_crawl(ctx))
@@ -124,15 +120,26 @@ async def _crawl_unless_stopped(ctx: CrawlContext, stop: asyncio.Event | None) -
 
 
 async def _crawl(ctx: CrawlContext) -> None:
-    workers = 2 * ctx.settings.crawl_concurrency_per_host  # half wait on the database
-    queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=2 * workers)
+    settings = ctx.settings
+    # Enough that the host's slots never wait for a worker: a worker also waits for
+    # its start time (the throttle's delay), parses, and fetches images.
+    workers = (3 if settings.crawl_images else 2) * settings.crawl_concurrency_per_host
+    queue: asyncio.Queue[ProductVisit | None] = asyncio.Queue(maxsize=2 * workers)
+    writer = CatalogWriter(store.engine_of(ctx.sessions), ctx.site.name, ctx.run_id, ctx.tally,
+                           batch_size=settings.crawl_write_batch,
+                           max_wait_s=settings.crawl_write_batch_s)  # fmt: skip
+    ctx.writer = writer
     try:
         async with asyncio.TaskGroup() as group:
-            for _ in range(workers):
-                group.create_task(_work(ctx, queue))
-            await discover(ctx, queue, walkers=_WALKERS)
-            for _ in range(workers):
-                await queue.put(None)
+            writing = group.create_task(writer.run())
+            async with asyncio.TaskGroup() as pages:
+                for _ in range(workers):
+                    pages.create_task(_work(ctx, queue))
+                await discover(ctx, queue, walkers=_WALKERS)
+                for _ in range(workers):
+                    await queue.put(None)
+            writer.close()
+            await writing
     except ExceptionGroup as failed:
         raise _first_cause(failed) from failed
 
@@ -144,9 +151,9 @@ def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_cause(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-async def _work(ctx: CrawlContext, queue: asyncio.Queue[str | None]) -> None:
-    while (url := await queue.get()) is not None:
-        await ctx.guarded(url, visit_product(ctx, url))
+async def _work(ctx: CrawlContext, queue: asyncio.Queue[ProductVisit | None]) -> None:
+    while (visit := await queue.get()) is not None:
+        await ctx.guarded(visit.url, visit_product(ctx, visit))
 
 
 async def _mark_unseen_gone(ctx: CrawlContext) -> bool:

@@ -16,7 +16,8 @@ import asyncio
 import io
 import logging
 from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -27,15 +28,16 @@ from core.catalog.bodies import BodyCorrupt, BodyTooLarge, gunzip_file
 from core.catalog.context import CrawlContext
 from core.catalog.extract import parse_document
 from core.catalog.fetch import CrawlErrorKind, FetchResult
+from core.catalog.product_pages import ProductVisit
 from core.catalog.sites import Rule, Site
-from core.catalog.values import absolute_urls
-from core.db.catalog_models import CrawlPage
-from core.db.engine import session_scope
+from core.catalog.store import PageRow
+from core.catalog.values import absolute_url, absolute_urls
 from core.db.models import utcnow
 
 log = logging.getLogger("atelier.catalog")
 PageKind = Literal["listing", "sitemap"]
 _KNOWN_PAGE_BATCH = 500
+_LOOKUP_CHUNK = 100  # product pages looked up in one query
 
 
 class SitemapError(Exception):
@@ -49,14 +51,39 @@ class PageLinks:
     products: tuple[str, ...] = ()
     listings: tuple[str, ...] = ()
     sitemaps: tuple[str, ...] = ()
+    # A sitemap's <lastmod> of each product (ISO 8601 as written, None where
+    # absent), aligned with ``products``; empty when the page gave none.
+    lastmods: tuple[str | None, ...] = field(default=(), compare=False)
 
-    def as_json(self) -> dict[str, list[str]]:
-        return {"products": list(self.products), "listings": list(self.listings),
-                "sitemaps": list(self.sitemaps)}  # fmt: skip
+    def as_json(self) -> dict[str, list[Any]]:
+        held: dict[str, list[Any]] = {"products": list(self.products),
+                                      "listings": list(self.listings),
+                                      "sitemaps": list(self.sitemaps)}  # fmt: skip
+        if self.lastmods:
+            held["lastmods"] = list(self.lastmods)
+        return held
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PageLinks:
-        return cls(*(tuple(data.get(key) or ()) for key in ("products", "listings", "sitemaps")))
+        keys = ("products", "listings", "sitemaps", "lastmods")
+        return cls(*(tuple(data.get(key) or ()) for key in keys))
+
+    def lastmod(self, index: int) -> datetime | None:
+        return parse_lastmod(self.lastmods[index]) if index < len(self.lastmods) else None
+
+
+def parse_lastmod(value: str | None) -> datetime | None:
+    """A W3C datetime (sitemaps' <lastmod>) in UTC; None if unreadable. A date
+    alone stands for the end of that day: the page may have changed any time in it."""
+    if not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if "T" not in value:
+        when += timedelta(days=1)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 # --- reading pages --------------------------------------------------------------------
@@ -88,14 +115,17 @@ def links_in_sitemap(site: Site, body: bytes, max_bytes: int) -> PageLinks:
         return _classified(site, (line.strip() for line in lines if line.strip()), ())
     pages: list[str] = []
     sitemaps: list[str] = []
-    for parent, loc in _locs(data):
+    lastmods: dict[str, str] = {}
+    for parent, loc, lastmod in _locs(data):
         (sitemaps if parent == "sitemap" else pages).append(loc)
-    return _classified(site, pages, sitemaps)
+        if lastmod and parent == "url":
+            lastmods[loc] = lastmod
+    return _classified(site, pages, sitemaps, lastmods)
 
 
-def _locs(data: bytes) -> Iterator[tuple[str, str]]:
-    """(parent tag, loc) for each <url>/<sitemap> entry, parsed incrementally and
-    freed as it goes; entities and DTDs are never resolved (no XXE)."""
+def _locs(data: bytes) -> Iterator[tuple[str, str, str | None]]:
+    """(parent tag, loc, lastmod) for each <url>/<sitemap> entry, parsed
+    incrementally and freed as it goes; entities and DTDs are never resolved (no XXE)."""
     events = etree.iterparse(
         io.BytesIO(data), events=("end",), resolve_entities=False, no_network=True,
         load_dtd=False, huge_tree=False, remove_comments=True, remove_pis=True,
@@ -106,9 +136,15 @@ def _locs(data: bytes) -> Iterator[tuple[str, str]]:
             tag = etree.QName(element).localname
             if tag in ("url", "sitemap"):
                 root_seen = True
-                loc = next((c.text for c in element if etree.QName(c).localname == "loc"), None)
+                loc = lastmod = None
+                for child in element:
+                    name = etree.QName(child).localname
+                    if name == "loc" and loc is None:
+                        loc = child.text
+                    elif name == "lastmod" and lastmod is None:
+                        lastmod = child.text
                 if loc and loc.strip():
-                    yield tag, loc.strip()
+                    yield tag, loc.strip(), lastmod.strip() if lastmod else None
                 element.clear()
                 while element.getprevious() is not None:
                     del element.getparent()[0]
@@ -120,17 +156,35 @@ def _locs(data: bytes) -> Iterator[tuple[str, str]]:
         raise SitemapError("neither <urlset> nor <sitemapindex>")
 
 
-def _classified(site: Site, pages: Iterable[str], sitemaps: Iterable[str]) -> PageLinks:
+def _classified(
+    site: Site,
+    pages: Iterable[str],
+    sitemaps: Iterable[str],
+    lastmods: dict[str, str] | None = None,
+) -> PageLinks:
     products: list[str] = []
     listings: list[str] = []
+    stamps: list[str | None] = []
     walk_listings = bool(site.discovery.listing.product_links)
-    for url in on_site(site, absolute_urls(site.base_url, pages)):
+    for written in pages:
+        url = absolute_url(site.base_url, written)
+        if url is None or urlsplit(url).netloc != site.host:
+            continue
         kind = page_kind(site, url)
         if kind == "product":
             products.append(url)
+            stamps.append(lastmods.get(written) if lastmods else None)
         elif kind == "listing" and walk_listings:
             listings.append(url)
-    return PageLinks(tuple(products), tuple(listings), absolute_urls(site.base_url, sitemaps))
+    kept: dict[str, str | None] = {}  # distinct, the first kept, as absolute_urls does
+    for url, stamp in zip(products, stamps, strict=True):
+        kept.setdefault(url, stamp)
+    return PageLinks(
+        tuple(kept),
+        tuple(dict.fromkeys(listings)),
+        absolute_urls(site.base_url, sitemaps),
+        tuple(kept.values()) if any(stamps) else (),
+    )
 
 
 def page_kind(site: Site, url: str) -> Literal["product", "listing"] | None:
@@ -148,28 +202,127 @@ def page_kind(site: Site, url: str) -> Literal["product", "listing"] | None:
 # --- walking ----------------------------------------------------------------------------
 
 
-async def discover(ctx: CrawlContext, products: asyncio.Queue[str | None], walkers: int) -> None:
+async def discover(
+    ctx: CrawlContext, products: asyncio.Queue[ProductVisit | None], walkers: int
+) -> None:
     """Walk every listing and sitemap reachable from the site's entry points,
-    putting each new product URL into ``products``. Returns when all are walked."""
+    putting each new product page into ``products``. Returns when all are walked.
+
+    A site that trusts its sitemaps' <lastmod> has its listings walked only once
+    every sitemap has been read (while the products found there still stream
+    into the queue): a product reached through a sitemap comes with its lastmod,
+    which may spare its fetch (product_pages.unchanged_since_visit)."""
     discovery = ctx.site.discovery
-    frontier: asyncio.Queue[tuple[str, PageKind]] = asyncio.Queue()
     sitemaps = list(discovery.sitemaps)
     if discovery.sitemaps_from_robots:
         sitemaps += await ctx.fetcher.robots.sitemaps(ctx.site.base_url + "/")
-    for url, kind in [*((u, "listing") for u in discovery.start_urls),
-                      *((u, "sitemap") for u in sitemaps)]:  # fmt: skip
-        if ctx.first_sight(url):
-            frontier.put_nowait((url, kind))  # type: ignore[arg-type]
+    first = _Walk(ctx, products, hold_listings=discovery.trust_sitemap_lastmod)
+    for url in discovery.start_urls:
+        first.add(url, "listing")
+    for url in sitemaps:
+        first.add(url, "sitemap")
     async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(_walk(ctx, frontier, products)) for _ in range(walkers)]
-        await frontier.join()
-        for task in tasks:
-            task.cancel()
-    async for url in _known_unseen(ctx):
-        await products.put(url)
+        group.create_task(first.run(walkers))
+        if first.held is not None:
+            await first.sitemaps_read.wait()
+            then = _Walk(ctx, products, hold_listings=False)
+            for url in first.held:
+                then.frontier.put_nowait((url, "listing"))  # seen already
+            # Listings hold a page of links each (sitemaps up to 50,000): more of
+            # them at once, so that walking their pagination chains (all 304s on
+            # a refresh) does not take one round trip per page.
+            group.create_task(then.run(max(walkers, ctx.settings.crawl_concurrency_per_host)))
+    async for visit in _known_unseen(ctx):
+        await products.put(visit)
 
 
-async def _known_unseen(ctx: CrawlContext) -> AsyncIterator[str]:
+class _Walk:
+    """Walkers draining one frontier of listings and sitemaps. With
+    ``hold_listings`` listings are kept in ``held`` for a later walk, and
+    ``sitemaps_read`` is set once no sitemap waits to be read (its products
+    already marked seen, though maybe not all queued yet)."""
+
+    def __init__(
+        self,
+        ctx: CrawlContext,
+        products: asyncio.Queue[ProductVisit | None],
+        *,
+        hold_listings: bool,
+    ) -> None:
+        self.ctx, self.products = ctx, products
+        self.frontier: asyncio.Queue[tuple[str, PageKind]] = asyncio.Queue()
+        self.held: list[str] | None = [] if hold_listings else None
+        self.unread_sitemaps = 0
+        self.sitemaps_read = asyncio.Event()
+        self.sitemaps_read.set()
+
+    def add(self, url: str, kind: PageKind) -> None:
+        if not self.ctx.first_sight(url):
+            return
+        if kind == "listing" and self.held is not None:
+            self.held.append(url)
+            return
+        if kind == "sitemap":
+            self.unread_sitemaps += 1
+            self.sitemaps_read.clear()
+        self.frontier.put_nowait((url, kind))
+
+    def _read(self, kind: PageKind) -> None:
+        if kind == "sitemap":
+            self.unread_sitemaps -= 1
+            if self.unread_sitemaps == 0:
+                self.sitemaps_read.set()
+
+    async def run(self, walkers: int) -> None:
+        """Walk until the frontier is empty."""
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self._walker()) for _ in range(walkers)]
+            await self.frontier.join()
+            for task in tasks:
+                task.cancel()
+
+    async def _walker(self) -> None:
+        ctx = self.ctx
+        while True:
+            url, kind = await self.frontier.get()
+            read = False
+            try:
+                links = await ctx.guarded(url, visit_listing(ctx, url, kind)) or PageLinks()
+                for link in links.sitemaps:
+                    self.add(link, "sitemap")
+                for link in links.listings:
+                    self.add(link, "listing")
+                new = [i for i, link in enumerate(links.products) if ctx.first_sight(link)]
+                self._read(kind)
+                read = True
+                async for visit in _visits(ctx, links, new):
+                    await self.products.put(visit)  # waits while the workers are behind
+            finally:
+                if not read:
+                    self._read(kind)
+                self.frontier.task_done()
+
+
+async def _lookup(ctx: CrawlContext, urls: list[str]) -> dict[str, store.KnownPage]:
+    async with store.driver_connection(store.engine_of(ctx.sessions)) as conn:
+        return await store.known_pages(conn, ctx.site.name, urls, images=ctx.settings.crawl_images)
+
+
+async def _visits(
+    ctx: CrawlContext, links: PageLinks, indices: list[int]
+) -> AsyncIterator[ProductVisit]:
+    """The product pages ``links.products[i]`` with what we know of them, looked up
+    a chunk at a time (one query each, a chunk in memory)."""
+    trust = ctx.site.discovery.trust_sitemap_lastmod
+    for start in range(0, len(indices), _LOOKUP_CHUNK):
+        chunk = indices[start : start + _LOOKUP_CHUNK]
+        known = await _lookup(ctx, [links.products[i] for i in chunk])
+        for i in chunk:
+            url = links.products[i]
+            yield ProductVisit(url, links.lastmod(i) if trust else None, known.get(url))
+
+
+async def _known_unseen(ctx: CrawlContext) -> AsyncIterator[ProductVisit]:
     """Product pages we know that no listing or sitemap led to this time: asked
     once more, so that a removed product is confirmed by its 404/410 (and one
     merely unlisted, still on sale, is not called gone)."""
@@ -182,42 +335,20 @@ async def _known_unseen(ctx: CrawlContext) -> AsyncIterator[str]:
         if not rows:
             break
         after_id = rows[-1][0]
-        for _, url in rows:
-            if ctx.first_sight(url):
-                revisited += 1
-                yield url
+        unseen = PageLinks(products=tuple(url for _, url in rows if ctx.first_sight(url)))
+        revisited += len(unseen.products)
+        async for visit in _visits(ctx, unseen, list(range(len(unseen.products)))):
+            yield visit
     if revisited:
         log.info("%s: %d known product pages no longer linked, asked again", ctx.site.name,
                  revisited)  # fmt: skip
 
 
-async def _walk(
-    ctx: CrawlContext,
-    frontier: asyncio.Queue[tuple[str, PageKind]],
-    products: asyncio.Queue[str | None],
-) -> None:
-    while True:
-        url, kind = await frontier.get()
-        try:
-            links = await ctx.guarded(url, visit_listing(ctx, url, kind)) or PageLinks()
-            for link in links.sitemaps:
-                if ctx.first_sight(link):
-                    frontier.put_nowait((link, "sitemap"))
-            for link in links.listings:
-                if ctx.first_sight(link):
-                    frontier.put_nowait((link, "listing"))
-            for link in links.products:
-                if ctx.first_sight(link):
-                    await products.put(link)  # waits while the workers are behind
-        finally:
-            frontier.task_done()
-
-
 async def visit_listing(ctx: CrawlContext, url: str, kind: PageKind) -> PageLinks:
     """Fetch a listing or sitemap (conditionally) and return its links."""
     site = ctx.site.name
-    async with ctx.sessions() as session:
-        previous = await store.find_page(session, site, url)
+    async with store.driver_connection(store.engine_of(ctx.sessions)) as conn:
+        previous = await store.listing_page(conn, site, url)
     result = await ctx.fetch_page(url, previous)
     if result.error is CrawlErrorKind.robots:
         ctx.tally.error(CrawlErrorKind.robots, url, result.detail, unvisited=False)
@@ -256,7 +387,7 @@ async def _save(
     url: str,
     kind: PageKind,
     result: FetchResult,
-    previous: CrawlPage | None,
+    previous: PageRow | None,
     links: PageLinks | None,
 ) -> None:
     """Validators are kept only with the links they stand for: a page whose links
@@ -271,9 +402,4 @@ async def _save(
         held = previous.links
     else:
         etag, modified, held = None, None, None
-    page = CrawlPage(
-        site=ctx.site.name, url=url, kind=kind, etag=etag, last_modified=modified,
-        status=result.status or 0, links=held, fetched_at=utcnow(),
-    )  # fmt: skip
-    async with session_scope(ctx.sessions) as session:
-        await store.save_page(session, page)
+    await ctx.write(PageRow(url, kind, result.status or 0, utcnow(), etag, modified, held))

@@ -22,7 +22,7 @@ import hashlib
 import io
 import uuid
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from PIL import Image, ImageChops, ImageFile, ImageOps, ImageStat, UnidentifiedImageError
 from sqlalchemy import delete
@@ -213,11 +213,24 @@ async def ingest_image(
     existing = await session.get(CatalogImage, sha256)
     if existing is not None:
         return existing
+    values = await store_image_blobs(blobs, data, side=side, max_pixels=max_pixels)
+    await session.execute(insert(CatalogImage).values(**values).on_conflict_do_nothing())
+    row = await session.get(CatalogImage, sha256)
+    assert row is not None
+    return row
+
+
+async def store_image_blobs(
+    blobs: BlobStore, data: bytes, *, side: int, max_pixels: int
+) -> dict[str, Any]:
+    """Check and pad ``data`` (in a thread), store the original and the padded
+    copy; the ``catalog_image`` row's values. Raises CatalogImageError."""
+    sha256 = hashlib.sha256(data).hexdigest()
     decoded = await asyncio.to_thread(decode_image, data, side=side, max_pixels=max_pixels)
     key = original_key(sha256, decoded.extension)
     await blobs.put(key, data)
     await blobs.put(padded_key(sha256), decoded.padded_png)
-    values = dict(
+    return dict(
         sha256=sha256,
         blob_key=key,
         padded_blob_key=padded_key(sha256),
@@ -226,10 +239,6 @@ async def ingest_image(
         height=decoded.height,
         bytes=len(data),
     )
-    await session.execute(insert(CatalogImage).values(**values).on_conflict_do_nothing())
-    row = await session.get(CatalogImage, sha256)
-    assert row is not None
-    return row
 
 
 async def set_product_images(

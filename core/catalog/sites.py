@@ -64,6 +64,10 @@ class Discovery:
     sitemaps: tuple[str, ...] = ()
     # Also read the Sitemap: lines of robots.txt.
     sitemaps_from_robots: bool = False
+    # The shop's sitemap <lastmod>s are right: a product page whose lastmod is not
+    # newer than the version we hold is not fetched (crawl_revalidate_after_s
+    # still has it read now and then, in case they are not).
+    trust_sitemap_lastmod: bool = False
     # Which discovered URLs (sitemaps list both) are product pages and listings;
     # matched against the path and query. No product pattern: every sitemap URL
     # is a product candidate.
@@ -167,6 +171,7 @@ def _discovery(table: _Table, written_base: str | None, base: str) -> Discovery:
         start_urls=tuple(urls),
         sitemaps=tuple(sitemaps),
         sitemaps_from_robots=table.flag("sitemaps_from_robots"),
+        trust_sitemap_lastmod=table.flag("trust_sitemap_lastmod"),
         product_urls=table.pattern("product_urls"),
         listing_urls=table.pattern("listing_urls"),
         listing=rules,

@@ -56,15 +56,21 @@ class HostThrottle:
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """Hold this around one request: waits for a free slot and the delay."""
+        """Hold this around one request: waits for its start time, then a free slot.
+
+        Start times are handed out ``delay`` apart, each counted from the one
+        before (not from when a sleep happened to return: timer lateness would
+        add to every gap) or from now after an idle spell. The wait for the start
+        time holds no slot, so the cap counts requests in flight only, as
+        Scrapy's does: the delay and the cap each bound the rate on their own."""
+        now = self._clock()
+        start = max(self._next_start, now)
+        self._next_start = start + self.delay
+        while (wait_s := max(start, self._paused_until) - self._clock()) > 0:
+            await self._sleep(wait_s)
         async with self._semaphore:
-            while True:
-                now = self._clock()
-                start = max(self._next_start, self._paused_until)
-                if start <= now:
-                    break
-                await self._sleep(start - now)
-            self._next_start = now + self.delay
+            while (paused_s := self._paused_until - self._clock()) > 0:  # paused meanwhile
+                await self._sleep(paused_s)
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             try:

@@ -118,9 +118,27 @@ def parse_availability(value: object) -> bool | None:
     return None
 
 
+# An absolute http(s) URL with a host and nothing urljoin would rewrite: no
+# fragment, no dot segments, no empty query, no whitespace or backslashes.
+_PLAIN_PATH = r"(?:/(?!\.\.?(?:/|\?|$))[^\s#?/\\]*)*(?:\?[^\s#\\]+)?"
+_PLAIN_ORIGIN = r"https?://[A-Za-z0-9.\-]+(?::[0-9]+)?"
+_PLAIN_ABSOLUTE: Final = re.compile(_PLAIN_ORIGIN + _PLAIN_PATH)
+_PLAIN_ROOTED: Final = re.compile(r"(?!//)" + _PLAIN_PATH)  # "/p/x", not "//host/x"
+_ORIGIN: Final = re.compile(_PLAIN_ORIGIN)
+
+
 def absolute_url(page_url: str, link: str) -> str | None:
     """``link`` resolved against the page, without fragment; None unless http(s)."""
     link = link.strip()
+    if _PLAIN_ABSOLUTE.fullmatch(link):
+        return link  # what urljoin and urldefrag would make of it: itself
+    if (
+        link.startswith("/")
+        and _PLAIN_ROOTED.fullmatch(link)
+        and (origin := _ORIGIN.match(page_url))
+    ):
+        if page_url == origin.group() or page_url[origin.end()] in "/?#":
+            return origin.group() + link
     if not link or link.startswith(("javascript:", "mailto:", "data:")):
         return None
     url = urldefrag(urljoin(page_url, link)).url

@@ -330,3 +330,52 @@ async def test_a_product_seen_again_is_available_again(
         for external_id in back:
             assert again[external_id].gone_at is None
             assert_matches(again[external_id], shop.live()[external_id], shop.base)
+
+
+async def test_trusted_sitemap_lastmods_spare_unchanged_pages_until_revalidation(
+    settings: Settings, sessions: Sessions, tmp_path: Path
+) -> None:
+    """fixture.toml trusts the shop's <lastmod>s: a refresh fetches no product page
+    whose lastmod is not newer than the version we hold, only touches it; a page
+    read longer ago than crawl_revalidate_after_s is asked again (conditionally);
+    a changed product (newer lastmod) is read in full."""
+    async for shop in open_shop(ShopConfig(products=60, trouble=False, image_side=48)):
+        s = crawl_settings(settings, shop, crawl_images=False)
+        blobs = LocalBlobStore(tmp_path)
+        first = await crawl_site(s, sessions, blobs, "fixture")
+        live = shop.live()
+        assert first.products_new == len(live)
+        async with sessions() as session:
+            fetched = {p.url: p.fetched_at for p in (await session.exec(select(CrawlPage))).all()}
+
+        await shop.reset_stats()
+        spared = await crawl_site(s, sessions, blobs, "fixture")
+        assert (spared.status, spared.complete) == (CrawlStatus.succeeded, True)
+        assert spared.products_unchanged == len(live) and spared.products_gone == 0
+        assert (await shop.stats())["by_kind"].get("product", 0) == 0
+        stored = await products_by_id(sessions)
+        assert all(p.last_run_id == spared.id and p.gone_at is None for p in stored.values())
+        async with sessions() as session:  # the pages keep the time they were last read
+            pages = (await session.exec(select(CrawlPage))).all()
+            assert {p.url: p.fetched_at for p in pages if p.kind == "product"} == {
+                u: t for u, t in fetched.items() if "/p/" in u
+            }
+
+        await shop.reset_stats()
+        revalidated = await crawl_site(s.model_copy(update={"crawl_revalidate_after_s": 0}),
+                                       sessions, blobs, "fixture")  # fmt: skip
+        assert revalidated.products_unchanged == len(live)
+        stats = await shop.stats()
+        assert stats["by_kind"]["product"] == len(live) and stats["not_modified"] >= len(live)
+
+        await shop.set_epoch(1)
+        await shop.reset_stats()
+        run = await crawl_site(s, sessions, blobs, "fixture")
+        after = catalog_at(shop.config, 1)
+        changed = [p for p in after if p.is_live and p.id in live and p.changed_epoch == 1]
+        assert changed and run.products_changed == len(changed)
+        stored = await products_by_id(sessions)
+        for truth in (p for p in after if p.is_live):
+            assert_matches(stored[truth.id], truth, shop.base)
+        # Only what changed (or appeared, or went) was fetched.
+        assert (await shop.stats())["by_kind"]["product"] < len(live) / 2

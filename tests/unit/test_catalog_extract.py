@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import gzip
 import json
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urldefrag, urljoin, urlsplit
 
 import pytest
 
 from core.catalog.bodies import BodyTooLarge
-from core.catalog.discover import PageLinks, SitemapError, links_in_sitemap, links_on_listing
+from core.catalog.discover import (
+    PageLinks,
+    SitemapError,
+    links_in_sitemap,
+    links_on_listing,
+    parse_lastmod,
+)
 from core.catalog.extract import ExtractionError, extract_product
 from core.catalog.records import ProductRecord
 from core.catalog.sites import Site, parse_site
-from core.catalog.values import parse_availability, parse_currency, parse_price
+from core.catalog.values import absolute_url, parse_availability, parse_currency, parse_price
 from core.settings import Settings
 from fixture_shop import ShopConfig, catalog_at
 from fixture_shop.pages import render_product
@@ -318,6 +326,51 @@ def test_sitemap_index_and_gzipped_urlset_are_classified_by_the_site_patterns() 
     assert links_in_sitemap(generic(), body, MiB).products == (
         f"{BASE}/p/a-P1", f"{BASE}/c/women-dresses", f"{BASE}/about",
     )  # fmt: skip
+
+
+def test_sitemap_lastmods_travel_with_their_products() -> None:
+    fixture = site("fixture")
+    body = (
+        f"<urlset {SITEMAP_NS}><url><loc>{BASE}/p/a-P1</loc><lastmod>2024-03-02T10:00:00Z</lastmod>"
+        f"</url><url><loc>/c/women</loc><lastmod>2024-03-01</lastmod></url>"
+        f"<url><lastmod>2024-03-05</lastmod><loc>/p/b-P2</loc></url>"
+        f"<url><loc>{BASE}/p/c-P3</loc></url><url><loc>{BASE}/p/a-P1</loc></url></urlset>"
+    ).encode()
+    links = links_in_sitemap(fixture, body, MiB)
+    assert links.products == (f"{BASE}/p/a-P1", f"{BASE}/p/b-P2", f"{BASE}/p/c-P3")
+    assert links.lastmods == ("2024-03-02T10:00:00Z", "2024-03-05", None)
+    assert links.lastmod(0) == datetime(2024, 3, 2, 10, tzinfo=UTC)
+    assert links.lastmod(2) is None
+    again = PageLinks.from_json(json.loads(json.dumps(links.as_json())))
+    assert again == links and again.lastmods == links.lastmods
+    assert "lastmods" not in PageLinks(products=("x",)).as_json()  # none given, none kept
+    assert PageLinks.from_json({"products": ["x"]}).lastmod(0) is None  # rows of old crawls
+
+
+def test_lastmod_values() -> None:
+    assert parse_lastmod("2024-03-01T00:00:00+00:00") == datetime(2024, 3, 1, tzinfo=UTC)
+    assert parse_lastmod("2024-03-01T12:30:00+02:00") == datetime(2024, 3, 1, 10, 30, tzinfo=UTC)
+    assert parse_lastmod("2024-03-01T12:30Z") == datetime(2024, 3, 1, 12, 30, tzinfo=UTC)
+    # A day alone: the page may have changed any time in it.
+    assert parse_lastmod(" 2024-03-01 ") == datetime(2024, 3, 2, tzinfo=UTC)
+    assert parse_lastmod("yesterday") is None and parse_lastmod(None) is None
+
+
+def test_absolute_url_shortcuts_agree_with_urljoin() -> None:
+    def joined(page: str, link: str) -> str | None:
+        url = urldefrag(urljoin(page, link.strip())).url
+        return url if urlsplit(url).scheme in ("http", "https") else None
+
+    pages = ["http://shop.test/a/b?x=1", "http://shop.test", "https://shop.test:8443/",
+             "https://u@shop.test/x", "http://shop.test#top", "http://shop.testx/a"]  # fmt: skip
+    links = ["http://shop.test/p/x-P1", "https://a.b/c/./d", "http://a.b/c/..", "http://a.b/c?",
+             "http://a.b/c?x=1#f", "http://a.b", "http://a.b/c d", "HTTP://a.b/c", "http://a.b:/c",
+             "http://a.b/c?x=../y", "/p/x-P1", "/", "//other/x", "/a/../b", "/a/./b", "/a?",
+             "/a?b=1#c", "/.", "/..", "/.x", "?q=1", "p/x", "/a//b", " /p/y ",
+             "http://a.b/ü"]  # fmt: skip
+    for page in pages:
+        for link in links:
+            assert absolute_url(page, link) == joined(page, link), (page, link)
 
 
 def test_text_sitemap() -> None:

@@ -373,19 +373,36 @@ class FakeClock:
         await asyncio.sleep(0)
 
 
+async def slot_starts(clock: FakeClock, count: int, delay: float = 0.5) -> list[float]:
+    throttle = HostThrottle(POLICY, clock=clock.time, sleep=clock.sleep)
+    throttle.delay = delay
+    starts = []
+    for _ in range(count):
+        async with throttle.slot():
+            starts.append(clock.now)
+    return starts
+
+
 async def test_slots_are_spaced_by_the_delay_and_paused_by_back_off() -> None:
     clock = FakeClock()
     throttle = HostThrottle(POLICY, clock=clock.time, sleep=clock.sleep)
+    assert await slot_starts(clock, 3) == [0.0, 0.5, 1.0]
     throttle.delay = 0.5
-    starts = []
-    for _ in range(3):
-        async with throttle.slot():
-            starts.append(clock.now)
-    assert starts == [0.0, 0.5, 1.0]
+    async with throttle.slot():
+        pass
     throttle.back_off(3.0)  # Retry-After: 3
     assert throttle.delay == 1.0  # doubled
     async with throttle.slot():
-        assert clock.now == pytest.approx(4.0)
+        assert clock.now == pytest.approx(1.0 + 3.0)
+
+
+async def test_late_timers_do_not_widen_the_spacing() -> None:
+    class LateClock(FakeClock):
+        async def sleep(self, seconds: float) -> None:
+            await super().sleep(seconds + 0.1)  # every timer fires 0.1 s late
+
+    # Start times stay 0.5 s apart on average, not 0.6 s.
+    assert (await slot_starts(LateClock(), 5))[-1] == pytest.approx(2.0 + 0.1)
 
 
 async def test_concurrency_per_host_is_capped(shop: RemoteShop) -> None:
