@@ -68,17 +68,22 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def make_loras(pipe: StableDiffusionPipeline, count: int) -> list[LoraWeights]:
-    """Random LoRAs with the keys and shapes of a rank-4 attention LoRA, as bytes."""
+def lora_shapes(pipe: StableDiffusionPipeline) -> dict[str, torch.Size]:
+    """The keys and shapes of a rank-4 attention LoRA on ``pipe``'s UNet, as exported."""
     config = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(SD1_ATTENTION_MODULES))
     pipe.unet.add_adapter(config, adapter_name="shape")
     try:
         peft_state = get_peft_model_state_dict(pipe.unet, adapter_name="shape")
-        shapes = {
+        return {
             f"unet.{k}": v.shape for k, v in convert_state_dict_to_diffusers(peft_state).items()
         }
     finally:
         pipe.unload_lora_weights()
+
+
+def make_loras(pipe: StableDiffusionPipeline, count: int) -> list[LoraWeights]:
+    """Random LoRAs with the keys and shapes of a rank-4 attention LoRA, as bytes."""
+    shapes = lora_shapes(pipe)
     generator = torch.Generator().manual_seed(0)
     return [
         LoraWeights.of(
