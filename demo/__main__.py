@@ -93,6 +93,10 @@ class Stack:
                 raise SystemExit(f"a process exited ({_command_line(child)}); see var/log/")
 
     def stop(self) -> None:
+        # A second Ctrl-C or SIGTERM while stopping (a terminal sends SIGINT to the
+        # whole process group; supervisors repeat TERM) must not leave children behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for child in self.children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
