@@ -27,9 +27,11 @@ from typing import Any, Final
 from PIL import Image, ImageChops, ImageFile, ImageOps, ImageStat, UnidentifiedImageError
 from sqlalchemy import delete
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.catalog import store
 from core.db.catalog_models import CatalogImage, ProductImage
 from core.storage import BlobStore
 
@@ -203,29 +205,40 @@ def _verify(data: bytes, fmt: str) -> None:
 async def ingest_image(
     session: AsyncSession, blobs: BlobStore, data: bytes, *, side: int, max_pixels: int
 ) -> CatalogImage:
-    """The ``catalog_image`` row for ``data``, stored on first sight.
-
-    Raises CatalogImageError for bytes that are not a usable image. Safe to call
-    concurrently with the same bytes: blobs are content-addressed (the same key
-    gets the same bytes) and the row insert does nothing on a duplicate.
-    """
-    sha256 = hashlib.sha256(data).hexdigest()
-    existing = await session.get(CatalogImage, sha256)
-    if existing is not None:
-        return existing
-    values = await store_image_blobs(blobs, data, side=side, max_pixels=max_pixels)
-    await session.execute(insert(CatalogImage).values(**values).on_conflict_do_nothing())
+    """The ``catalog_image`` row for ``data``, stored on first sight (through
+    ``ingest_image_bytes``, the crawler's path). Raises CatalogImageError."""
+    engine = session.bind
+    if not isinstance(engine, AsyncEngine):
+        raise TypeError("ingest_image needs a session bound to an AsyncEngine")
+    sha256, _ = await ingest_image_bytes(engine, blobs, data, side=side, max_pixels=max_pixels)
     row = await session.get(CatalogImage, sha256)
     assert row is not None
     return row
 
 
+async def ingest_image_bytes(
+    engine: AsyncEngine, blobs: BlobStore, data: bytes, *, side: int, max_pixels: int
+) -> tuple[str, bool]:
+    """(sha256, stored now) for ``data``: a known image costs one lookup, a new
+    one is checked, padded, stored and given its row. Raises CatalogImageError.
+
+    Safe to call concurrently with the same bytes: blobs are content-addressed
+    (the same key gets the same bytes) and the row insert does nothing on a
+    duplicate. Plain asyncpg: the crawler calls this for every new image."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    async with store.driver_connection(engine) as conn:
+        if await store.image_known(conn, sha256):
+            return sha256, False
+    values = await store_image_blobs(blobs, data, sha256, side=side, max_pixels=max_pixels)
+    async with store.driver_connection(engine) as conn:
+        return sha256, await store.insert_image(conn, values)
+
+
 async def store_image_blobs(
-    blobs: BlobStore, data: bytes, *, side: int, max_pixels: int
+    blobs: BlobStore, data: bytes, sha256: str, *, side: int, max_pixels: int
 ) -> dict[str, Any]:
     """Check and pad ``data`` (in a thread), store the original and the padded
     copy; the ``catalog_image`` row's values. Raises CatalogImageError."""
-    sha256 = hashlib.sha256(data).hexdigest()
     decoded = await asyncio.to_thread(decode_image, data, side=side, max_pixels=max_pixels)
     key = original_key(sha256, decoded.extension)
     await blobs.put(key, data)

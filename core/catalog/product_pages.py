@@ -14,7 +14,6 @@ held unavailable and gone.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from core.catalog import store
 from core.catalog.context import CrawlContext
 from core.catalog.extract import ExtractionError, extract_product
 from core.catalog.fetch import IMAGE_ACCEPT, CrawlErrorKind, FetchResult
-from core.catalog.images import CatalogImageError, store_image_blobs
+from core.catalog.images import CatalogImageError, ingest_image_bytes
 from core.catalog.records import ProductRecord
 from core.catalog.store import Gone, KnownPage, PageRow, ProductWrite, Touch
 from core.db.models import utcnow
@@ -185,20 +184,15 @@ async def _ingest(ctx: CrawlContext, url: str) -> tuple[str | None, bool]:
         detail = f"{result.error or 'HTTP'} {result.status or ''} {result.detail}".strip()
         ctx.tally.error(CrawlErrorKind.image, url, detail, unvisited=False)
         return None, result.definitive
-    sha = hashlib.sha256(result.body).hexdigest()
-    engine = store.engine_of(ctx.sessions)
-    async with store.driver_connection(engine) as conn:
-        if await store.image_known(conn, sha):
-            return sha, True
     try:
-        values = await store_image_blobs(ctx.blobs, result.body, side=settings.catalog_image_side,
-                                         max_pixels=settings.max_photo_pixels)  # fmt: skip
+        sha, new = await ingest_image_bytes(
+            store.engine_of(ctx.sessions), ctx.blobs, result.body,
+            side=settings.catalog_image_side, max_pixels=settings.max_photo_pixels,
+        )  # fmt: skip
     except CatalogImageError as exc:
         ctx.tally.error(CrawlErrorKind.image, url, str(exc), unvisited=False)
         return None, True
-    async with store.driver_connection(engine) as conn:
-        new = await store.insert_image(conn, values)
-    ctx.tally.images_new += new  # not `+= await`: that reads the count before waiting
+    ctx.tally.images_new += new
     return sha, True
 
 
