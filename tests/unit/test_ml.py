@@ -29,6 +29,7 @@ from core.ml.pipeline import ResidentPipelines, load_pipeline, resolve_checkpoin
 from core.ml.profiles import PROFILES, get_profile
 from core.ml.tokenizer import build_clip_tokenizer
 from core.ml.train import Canceled, TrainingCanceled, TrainParams, train_dreambooth_lora
+from tests.unit.ml_helpers import ignore, never, random_photos
 
 PROMPT = instance_prompt("sks", "person")
 TRAIN_STEPS = 6
@@ -38,14 +39,6 @@ HIGH_LR = 1e-2
 LORA_RANK, LORA_ALPHA = 4, 8
 TINY = get_profile("tiny")
 LATENT_SIDE = TINY.resolution // 2  # the tiny VAE downsamples once
-
-
-def never() -> bool:
-    return False
-
-
-def ignore_progress(*_args: object) -> None:
-    return None
 
 
 def unet_state(pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
@@ -69,14 +62,6 @@ def unet_probe(pipe: StableDiffusionPipeline) -> torch.Tensor:
     text = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=generator)
     with torch.no_grad():
         return pipe.unet(latents, torch.tensor([500]), encoder_hidden_states=text).sample
-
-
-def make_photos(count: int = 3) -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    # Not square and not 64 px, so crop and resize run.
-    return [
-        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)) for _ in range(count)
-    ]
 
 
 def params(steps: int = TRAIN_STEPS) -> TrainParams:
@@ -105,7 +90,7 @@ def gen_params(seed: int = 3, num_images: int = 2) -> GenerateParams:
 def generate(
     pipe: StableDiffusionPipeline, lora: bytes | None, p: GenerateParams
 ) -> list[GeneratedImage]:
-    return generate_images(pipe, lora, p, ignore_progress, never)
+    return generate_images(pipe, lora, p, ignore, never)
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +121,7 @@ def trained(pipe: StableDiffusionPipeline) -> Trained:
         if step == total:  # the adapter's final weights are in place now
             probes.append(unet_probe(pipe))
 
-    lora = train_dreambooth_lora(pipe, make_photos(), PROMPT, params(), on_step, never)
+    lora = train_dreambooth_lora(pipe, random_photos(seed=0), PROMPT, params(), on_step, never)
     return Trained(lora, seen, probes[0])
 
 
@@ -261,7 +246,7 @@ def test_exported_lora_reproduces_the_trained_adapter(
 
 def test_training_leaves_pipeline_unchanged(pipe: StableDiffusionPipeline) -> None:
     before = unet_state(pipe)
-    train_dreambooth_lora(pipe, make_photos(1), PROMPT, params(steps=2), ignore_progress, never)
+    train_dreambooth_lora(pipe, random_photos(1, seed=0), PROMPT, params(steps=2), ignore, never)
     assert_pristine(pipe, before)
 
 
@@ -271,7 +256,7 @@ def test_training_cancel(pipe: StableDiffusionPipeline) -> None:
     with pytest.raises(TrainingCanceled):
         train_dreambooth_lora(
             pipe,
-            make_photos(1),
+            random_photos(1, seed=0),
             PROMPT,
             params(),
             lambda s, _t, _l: seen.append(s),
@@ -283,7 +268,7 @@ def test_training_cancel(pipe: StableDiffusionPipeline) -> None:
 
 def test_training_rejects_no_photos(pipe: StableDiffusionPipeline) -> None:
     with pytest.raises(InvalidInput):
-        train_dreambooth_lora(pipe, [], PROMPT, params(), ignore_progress, never)
+        train_dreambooth_lora(pipe, [], PROMPT, params(), ignore, never)
 
 
 # --- generation -----------------------------------------------------------------------

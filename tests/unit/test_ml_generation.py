@@ -46,17 +46,10 @@ from core.ml.profiles import get_profile
 from core.ml.train import TrainParams, train_dreambooth_lora
 from core.ml_runtime import forget_resident_loras, resident_lora_cache
 from core.settings import Settings
+from tests.unit.ml_helpers import ignore, never
 
 TINY = get_profile("tiny")
 StateDict = dict[str, torch.Tensor]
-
-
-def never() -> bool:
-    return False
-
-
-def ignore_progress(*_args: object) -> None:
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +135,7 @@ def pngs(
     p: GenerateParams,
     cache: LoraCache | None = None,
 ) -> list[bytes]:
-    images = generate_images(pipe, lora, p, ignore_progress, never, cache=cache)
+    images = generate_images(pipe, lora, p, ignore, never, cache=cache)
     return [image.png for image in images]
 
 
@@ -221,7 +214,7 @@ def test_unknown_scheduler_is_refused(pipe: StableDiffusionPipeline) -> None:
 
 @pytest.mark.parametrize(("width", "height"), [(96, 64), (64, 128)])
 def test_size_is_honoured(pipe: StableDiffusionPipeline, width: int, height: int) -> None:
-    images = generate_images(pipe, None, params(width=width, height=height), ignore_progress, never)
+    images = generate_images(pipe, None, params(width=width, height=height), ignore, never)
     decoded = Image.open(io.BytesIO(images[0].png))
     assert decoded.size == (width, height)
     assert (images[0].width, images[0].height) == (width, height)

@@ -33,15 +33,12 @@ from core.ml.train import (
 from core.ml.train_data import encode_views
 from core.ml.train_state import TrainState
 from core.ml.train_subjects import SubjectViews, check_subjects
+from tests.unit.ml_helpers import never
 
 TINY = get_profile("tiny")
 TINY_SDXL = get_profile("tiny-sdxl")
 HIGH_LR = 1e-2  # far above a real run's, so a few steps visibly move the weights
 Step = tuple[int, int, float]
-
-
-def never() -> bool:
-    return False
 
 
 def images(seed: int, count: int) -> list[Image.Image]:

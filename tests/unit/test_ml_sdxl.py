@@ -50,6 +50,7 @@ from core.ml.train_data import encode_views, sample_example
 from core.ml.train_state import TrainState
 from core.ml_runtime import resident_lora_cache, resident_pipeline
 from core.settings import Settings
+from tests.unit.ml_helpers import ignore, never, random_photos
 
 TINY_SDXL = get_profile("tiny-sdxl")
 SDXL = get_profile("sdxl")
@@ -60,22 +61,6 @@ LORA_RANK, LORA_ALPHA = 4, 8  # alpha != rank: the export must fold alpha / rank
 MICRO_CONDITIONS = 6  # SDXL's time ids: original (h, w), crop (top, left), target (h, w)
 ENCODERS = ("text_encoder", "text_encoder_2")
 Step = tuple[int, int, float]
-
-
-def never() -> bool:
-    return False
-
-
-def ignore(*_args: object) -> None:
-    return None
-
-
-def make_photos(count: int = 3) -> list[Image.Image]:
-    rng = np.random.default_rng(2)
-    # Not square and not 64 px, so crop, resize and the original-size time ids vary.
-    return [
-        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)) for _ in range(count)
-    ]
 
 
 def params(steps: int = TRAIN_STEPS, **options: Any) -> TrainParams:
@@ -124,7 +109,7 @@ def train(
     **options: Any,
 ) -> bytes:
     return train_dreambooth_lora(
-        pipe, make_photos(), PROMPT, p, on_step, should_stop, prior=prior, **options
+        pipe, random_photos(seed=2), PROMPT, p, on_step, should_stop, prior=prior, **options
     )
 
 
@@ -328,7 +313,9 @@ def test_training_with_prior_preservation(
 
 
 def test_examples_carry_size_and_crop(pipe: StableDiffusionXLPipeline) -> None:
-    views = encode_views(pipe, make_photos(1), TINY_SDXL.resolution, TINY_SDXL.crop_jitter)
+    views = encode_views(
+        pipe, random_photos(1, seed=2), TINY_SDXL.resolution, TINY_SDXL.crop_jitter
+    )
     generator = torch.Generator().manual_seed(0)
     micro = [sample_example(views, generator).time_ids for _ in range(16)]
     side = TINY_SDXL.resolution
@@ -350,8 +337,8 @@ def test_fp16_vae_encodes_in_fp32(pipe: StableDiffusionXLPipeline) -> None:
     seen: list[torch.dtype] = []
     vae.encoder.register_forward_pre_hook(lambda _module, args: seen.append(args[0].dtype))
     fp16_pipe = cast(Any, SimpleNamespace(vae=vae))
-    views = encode_views(fp16_pipe, make_photos(1), TINY_SDXL.resolution, 0.0)
-    expected = encode_views(pipe, make_photos(1), TINY_SDXL.resolution, 0.0)
+    views = encode_views(fp16_pipe, random_photos(1, seed=2), TINY_SDXL.resolution, 0.0)
+    expected = encode_views(pipe, random_photos(1, seed=2), TINY_SDXL.resolution, 0.0)
     assert seen == [torch.float32] and vae.dtype == torch.float16
     # The fp16-rounded weights, computed in fp32: close to the fp32 VAE's latents.
     torch.testing.assert_close(views.means[0], expected.means[0], rtol=1e-2, atol=1e-2)

@@ -15,7 +15,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
-import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
@@ -50,6 +49,7 @@ from core.train_job import (
     class_image_key,
     plan_training,
 )
+from tests.unit.ml_helpers import ignore, never, random_photos
 
 TINY = get_profile("tiny")
 # Class images with fewer sampler steps: the same code, a quarter of the time.
@@ -57,21 +57,6 @@ CLASS_PROFILE = replace(TINY, inference_steps=4)
 PROMPT = instance_prompt("sks", "person")
 HIGH_LR = 1e-2  # far above a real run's, so a few steps visibly move the weights
 Step = tuple[int, int, float]
-
-
-def never() -> bool:
-    return False
-
-
-def ignore(*_args: object) -> None:
-    return None
-
-
-def make_photos(count: int = 3) -> list[Image.Image]:
-    rng = np.random.default_rng(1)
-    return [
-        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)) for _ in range(count)
-    ]
 
 
 def params(steps: int = 4, **options: Any) -> TrainParams:
@@ -117,7 +102,7 @@ def train(
     **options: Any,
 ) -> bytes:
     return train_dreambooth_lora(
-        pipe, make_photos(), PROMPT, p, on_step, should_stop, prior=prior, **options
+        pipe, random_photos(seed=1), PROMPT, p, on_step, should_stop, prior=prior, **options
     )
 
 
@@ -291,11 +276,13 @@ def test_resume_refuses_another_runs_checkpoint(pipe: StableDiffusionPipeline) -
     checkpoints: list[TrainState] = []
     train(pipe, params(steps=4), None, on_checkpoint=checkpoints.append, checkpoint_every=2)
     other = params(steps=4, learning_rate=HIGH_LR / 2)
-    assert checkpoints[0].fingerprint != run_fingerprint(other, make_photos(), PROMPT, None)
+    assert checkpoints[0].fingerprint != run_fingerprint(other, random_photos(seed=1), PROMPT, None)
     # How a run executes is not what it learns: those may change between attempts.
     how = params(steps=4, seed=7, gradient_checkpointing=True, mixed_precision="bf16")
-    assert checkpoints[0].fingerprint == run_fingerprint(how, make_photos(), PROMPT, None)
-    assert checkpoints[0].fingerprint != run_fingerprint(params(4), make_photos(1), PROMPT, None)
+    assert checkpoints[0].fingerprint == run_fingerprint(how, random_photos(seed=1), PROMPT, None)
+    assert checkpoints[0].fingerprint != run_fingerprint(
+        params(4), random_photos(1, seed=1), PROMPT, None
+    )
     before = pristine_state(pipe)
     with pytest.raises(ValueError, match="another training run"):
         train(pipe, other, None, resume=checkpoints[0])
@@ -426,7 +413,7 @@ def test_crop_jitter_views(pipe: StableDiffusionPipeline) -> None:
     side = TINY.resolution // 2
     assert view_sides(side, 0.0) == (side,)
     assert view_sides(side, 0.1) == (side, 35)
-    views = encode_views(pipe, make_photos(2), TINY.resolution, 0.1)
+    views = encode_views(pipe, random_photos(2, seed=1), TINY.resolution, 0.1)
     # Per photo: plain and mirrored, at the training size and enlarged.
     assert [tuple(m.shape[-2:]) for m in views.means] == [(32, 32)] * 2 + [(35, 35)] * 2 + [
         (32, 32)
