@@ -49,7 +49,8 @@ carries the same ETag) and ``Last-Modified``; ``If-None-Match`` (takes precedenc
 and ``If-Modified-Since`` give 304. Text answers (HTML, XML, robots.txt) are
 gzipped when the request's ``Accept-Encoding`` names gzip (``Vary: Accept-Encoding``);
 JPEGs and the ``.xml.gz`` files never get a Content-Encoding. Every non-admin
-answer, errors and 304s included, waits ``latency_ms`` first. 404/410/429/500
+answer, errors and 304s included, leaves ``latency_ms`` after its request arrived
+(built meanwhile, so building it adds nothing unless it takes longer). 404/410/429/500
 answers are small HTML pages without validators.
 
 ``/robots.txt``

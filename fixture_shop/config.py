@@ -11,7 +11,8 @@ class ShopConfig:
 
     The catalog is a pure function of ``(seed, products, epoch)``; ``trouble``
     switches the deterministic misbehaviour on (see ``fixture_shop.troubles``);
-    ``latency_ms`` delays every response but the ``/_admin/*`` ones.
+    ``latency_ms`` is how long after its request every response but the
+    ``/_admin/*`` ones leaves.
     """
 
     seed: int = 7

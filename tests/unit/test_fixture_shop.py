@@ -360,6 +360,23 @@ async def test_stats_count_kinds_statuses_private_and_peak_concurrency(
     assert catalog["products"][5]["url"] == base + catalog_at(config, 0)[5].url_path
 
 
+async def test_latency_is_a_deadline_for_pages_and_errors_but_not_admin(
+    client: aiohttp.ClientSession,
+) -> None:
+    config = replace(CONFIG, latency_ms=80, trouble=False)
+    page = live_products(config)[0].url_path
+    async with running_shop(config) as base:
+        timings = {}
+        for name, path in (("page", page), ("missing", "/p/no-such-thing-P999999"),
+                           ("admin", "/_admin/stats")):  # fmt: skip
+            started = time.perf_counter()
+            status, _ = await get(client, base + path)
+            timings[name] = (status, time.perf_counter() - started)
+    assert timings["page"][0] == 200 and timings["page"][1] >= 0.08
+    assert timings["missing"][0] == 404 and timings["missing"][1] >= 0.08
+    assert timings["admin"][0] == 200 and timings["admin"][1] < 0.08
+
+
 def test_index_sitemap_chunks_hold_at_most_a_thousand() -> None:
     index = CatalogIndex(replace(CONFIG, products=2500), 0)
     assert [len(chunk) for chunk in index.sitemap_chunks()] == [1000, 1000, 500]
