@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
@@ -34,6 +35,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core.catalog import store
 from core.db.catalog_models import CatalogImage, ProductImage
 from core.storage import BlobStore
+
+log = logging.getLogger("atelier.catalog")
 
 # Formats a shop's product image may come in, with the extension its original
 # is stored under. Pillow opens a JPEG with a multi-picture index as "MPO".
@@ -219,15 +222,21 @@ async def ingest_image(
 async def ingest_image_bytes(
     engine: AsyncEngine, blobs: BlobStore, data: bytes, *, side: int, max_pixels: int
 ) -> tuple[str, bool]:
-    """(sha256, stored now) for ``data``: a known image costs one lookup, a new
-    one is checked, padded, stored and given its row. Raises CatalogImageError.
+    """(sha256, stored now) for ``data``: a known image costs one lookup and a
+    stat, a new one is checked, padded, stored and given its row. Raises
+    CatalogImageError.
 
+    A known image whose padded blob is missing (a blob store restored from an
+    older backup, or wiped) has its blobs written again from these bytes.
     Safe to call concurrently with the same bytes: blobs are content-addressed
     (the same key gets the same bytes) and the row insert does nothing on a
     duplicate. Plain asyncpg: the crawler calls this for every new image."""
     sha256 = hashlib.sha256(data).hexdigest()
     async with store.driver_connection(engine) as conn:
         if await store.image_known(conn, sha256):
+            if not await blobs.exists(padded_key(sha256)):
+                log.warning("catalog image %s had lost its blobs: stored again", sha256)
+                await store_image_blobs(blobs, data, sha256, side=side, max_pixels=max_pixels)
             return sha256, False
     values = await store_image_blobs(blobs, data, sha256, side=side, max_pixels=max_pixels)
     async with store.driver_connection(engine) as conn:

@@ -1,9 +1,10 @@
 """Reading the data shops publish for search engines and social previews.
 
 schema.org Product JSON-LD (the richest: SKU, brand, offers per size with
-availability) and OpenGraph product meta tags. Each reader returns only the
-fields its page actually states, so the extractor can fall back per field; a
-broken JSON-LD block is skipped, never fatal.
+availability; a ProductGroup's variants read as one product's sizes) and
+OpenGraph product meta tags. Each reader returns only the fields its page
+actually states, so the extractor can fall back per field; a broken JSON-LD
+block is skipped, never fatal.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ _ID_KEYS: Final = ("sku", "productID", "mpn", "gtin13", "gtin14", "gtin12", "gti
 
 def jsonld_fields(doc: Document, page_url: str, separator: str) -> Fields:
     nodes = list(_jsonld_nodes(doc, page_url))
-    product = next((n for n in nodes if _is_type(n, "Product")), None)
+    product = _product_node(nodes)
     if product is None:
         return {}
     fields: Fields = {}
@@ -59,6 +60,37 @@ def jsonld_fields(doc: Document, page_url: str, separator: str) -> Fields:
         fields["category_path"] = category
     fields.update(_offer_fields(product, fields.get("name", "")))
     return fields
+
+
+def _product_node(nodes: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The page's item: a ProductGroup (one product sold in variants, Google's
+    markup for sizes) read as one Product whose offers are its variants' offers,
+    else the first Product."""
+    group = next((n for n in nodes if _is_type(n, "ProductGroup")), None)
+    if group is None:
+        return next((n for n in nodes if _is_type(n, "Product")), None)
+    variants = [v for v in _as_list(group.get("hasVariant")) if isinstance(v, dict)]
+    merged = {key: value for key, value in group.items() if value not in (None, "", [])}
+    if _scalar(group.get("productGroupID")):
+        merged.setdefault("sku", group["productGroupID"])
+    for key in ("name", "description", "brand", "image", "category"):
+        if key not in merged:  # a group may leave these to its variants
+            merged[key] = next((v[key] for v in variants if v.get(key)), None)
+    offers = [_variant_offer(v, o) for v in variants for o in _offers(v)]
+    if offers:
+        merged["offers"] = offers
+    return merged
+
+
+def _variant_offer(variant: dict[str, Any], offer: dict[str, Any]) -> dict[str, Any]:
+    """A variant's offer, carrying the variant's size where the offer names none."""
+    if offer.get("size") or not variant.get("size"):
+        return offer
+    return {**offer, "size": variant["size"]}
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
 
 
 def _jsonld_nodes(doc: Document, page_url: str) -> Iterator[dict[str, Any]]:
@@ -172,7 +204,8 @@ def _size_of(offer: dict[str, Any], product_name: str) -> str:
     item = offer.get("itemOffered")
     size = offer.get("size") or (item.get("size") if isinstance(item, dict) else None)
     size = size or offer.get("name")
-    label = clean_markup_text(size) if isinstance(size, str) else ""
+    # Text, or a SizeSpecification whose name is the label.
+    label = clean_markup_text(size) if isinstance(size, str) else _name_of(size)
     # A single offer named like the product is not a size.
     return "" if label == product_name else label
 

@@ -57,6 +57,24 @@ async def test_same_bytes_twice_is_one_row_and_one_pair_of_blobs(
     assert Image.open(io.BytesIO(await blobs.get(first.padded_blob_key))).size == (64, 64)
 
 
+async def test_a_known_image_whose_blobs_were_lost_is_stored_again(
+    sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> None:
+    blobs = LocalBlobStore(tmp_path)
+    data = jpeg((20, 160, 90))
+    async with session_scope(sessions) as session:
+        first = await ingest_image(session, blobs, data, side=64, max_pixels=10**6)
+    files = blob_files(tmp_path)
+    for name in files:
+        (tmp_path / name).unlink()  # the blob store wiped, the database kept
+    async with session_scope(sessions) as session:
+        again = await ingest_image(session, blobs, data, side=64, max_pixels=10**6)
+
+    assert again.sha256 == first.sha256 and await image_rows(sessions) == 1
+    assert blob_files(tmp_path) == files
+    assert await blobs.get(first.blob_key) == data
+
+
 async def test_concurrent_ingests_of_the_same_bytes(
     sessions: async_sessionmaker[AsyncSession], tmp_path: Path
 ) -> None:

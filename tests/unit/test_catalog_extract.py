@@ -171,6 +171,46 @@ def test_every_offer_out_of_stock_is_sold_out() -> None:
     assert (record.available, record.sizes, record.price) == (False, (), Decimal("500.00"))
 
 
+def test_product_group_reads_as_one_product_with_its_variants_sizes() -> None:
+    def variant(sku: str, size: object, price: str, availability: str) -> dict[str, object]:
+        return {"@type": "Product", "sku": sku, "size": size, "offers": {
+            "@type": "Offer", "price": price, "priceCurrency": "GBP",
+            "availability": f"https://schema.org/{availability}"}}  # fmt: skip
+
+    group = {
+        "@context": "https://schema.org",
+        "@type": "ProductGroup",
+        "productGroupID": "G-77",
+        "name": "Wool coat",
+        "brand": {"@type": "Brand", "name": "Max Mara"},
+        "variesBy": "https://schema.org/size",
+        "hasVariant": [
+            {**variant("G-77-S", "S", "1890.00", "OutOfStock"), "image": "/img/coat.jpg"},
+            variant("G-77-M", {"@type": "SizeSpecification", "name": "M"}, "1990.00", "InStock"),
+            variant("G-77-L", "L", "2090.00", "InStock"),
+        ],
+    }
+    # A ProductGroup wins over a stray Product elsewhere on the page (a recommendation).
+    stray = {"@type": "Product", "sku": "OTHER", "name": "Scarf"}
+    record = extract(generic(), page(jsonld(stray) + jsonld(group)))
+    assert record.external_id == "G-77"
+    assert (record.name, record.designer) == ("Wool coat", "Max Mara")
+    assert record.sizes == ("M", "L")
+    assert record.available is True
+    assert (record.price, record.currency) == (Decimal("1990.00"), "GBP")
+    assert record.image_urls == (f"{BASE}/img/coat.jpg",)
+
+
+def test_product_group_with_every_variant_sold_out_is_unavailable() -> None:
+    group = {"@type": "ProductGroup", "productGroupID": "G-8", "name": "Loafer",
+             "hasVariant": [{"@type": "Product", "size": "41", "offers": {
+                 "price": "650", "priceCurrency": "EUR",
+                 "availability": "https://schema.org/SoldOut"}}]}  # fmt: skip
+    record = extract(generic(), page(jsonld(group)))
+    assert (record.external_id, record.available, record.sizes) == ("G-8", False, ())
+    assert record.price == Decimal("650.00")
+
+
 def test_a_single_offer_named_like_the_product_is_not_a_size() -> None:
     product = {"@type": "Product", "sku": "B", "name": "Belt",
                "offers": {"@type": "Offer", "name": "Belt", "price": "90"}}  # fmt: skip
