@@ -366,8 +366,11 @@ async def visit_listing(ctx: CrawlContext, url: str, kind: PageKind) -> PageLink
     try:
         size, body = len(result.body), result.body
         if kind == "sitemap":
+            # Always in a thread: a sitemap may list 50,000 URLs (~30 us each here),
+            # and its gzip size says little of that; on the loop it would hold
+            # every request of the crawl meanwhile.
             cap = ctx.settings.crawl_max_page_bytes
-            links = await ctx.parse(size, links_in_sitemap, ctx.site, body, cap)
+            links = await asyncio.to_thread(links_in_sitemap, ctx.site, body, cap)
         else:
             links = await ctx.parse(
                 size, links_on_listing, ctx.site, url, body, result.content_type

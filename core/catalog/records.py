@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from decimal import Decimal
 from enum import StrEnum
 
@@ -34,7 +35,10 @@ class ProductRecord:
 
     def content_hash(self) -> str:
         """sha256 of every field a shopper sees: a new hash is a changed product."""
-        fields = asdict(self)
+        # Every field is a str, a bool, a Decimal or a tuple of str: a shallow dict
+        # serialises as asdict() would, without its deep copy (a cost on every
+        # page). The hash is stored: its bytes must never change.
+        fields = {f.name: getattr(self, f.name) for f in dataclass_fields(self)}
         fields["price"] = None if self.price is None else f"{self.price:.2f}"
         canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, default=list)
         return hashlib.sha256(canonical.encode()).hexdigest()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -455,3 +456,21 @@ def test_listing_links_stay_on_the_site() -> None:
         products=(f"{BASE}/p/a-P1",),
         listings=(f"{BASE}/c/women-bags", f"{BASE}/c/women-dresses?page=2"),
     )
+
+
+def test_content_hash_is_stable_across_releases() -> None:
+    # Stored in product.content_hash: if these bytes moved, the next crawl would
+    # call every product of every site changed.
+    record = ProductRecord(
+        "SKU-1", "https://shop.test/p/1", "Max Mara", "Wool coat", "Double-faced wool, belted.",
+        Decimal("1990.5"), "EUR", True, ("S", "M"), ("Women", "Coats"),
+        ("https://shop.test/i/1.jpg", "https://shop.test/i/2.jpg"),
+    )  # fmt: skip
+    assert record.content_hash() == (
+        "7d024ea094361f635b79fb8f82282586654320e899aebcb34e1e86de0fac286c"
+    )
+    assert ProductRecord("B", "u").content_hash() == (
+        "f9e005485afb04c6b97a973d2812feb5402254b23106f9f4caa2948f382e8cf5"
+    )
+    assert replace(record, price=Decimal("1990.50")).content_hash() == record.content_hash()
+    assert replace(record, sizes=("S",)).content_hash() != record.content_hash()
