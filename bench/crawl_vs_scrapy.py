@@ -8,8 +8,15 @@ upserts into Postgres and records validators, as in production. Images are
 off on both sides for the comparison (Scrapy's spider fetches none); one more
 atelier run with images on is reported for information.
 
-Pages are counted by the shop (``/_admin/stats``), not by either crawler.
-CPU seconds and peak RSS come from ``wait4`` on each side's process.
+Before the crawlers, ``bench.bare_client`` fetches the same pages doing nothing
+else: it measures the shop's unloaded latency (the "measured" bound is
+concurrency / that latency, beside the nominal concurrency / configured latency),
+gives the rate any client could reach here, and leaves every page rendered in
+the shop's cache, so the sides measured after it meet the same warm shop.
+
+Pages are counted by the shop (``/_admin/stats``), not by either crawler (the
+bare client counts its own). CPU seconds and peak RSS come from ``wait4`` on
+each side's process.
 
     python -m bench.crawl_vs_scrapy --products 5000 --memory-sizes 1000,10000
 """
@@ -184,18 +191,33 @@ def run_scrapy(base: str, products: int, concurrency: int, work: Path) -> SideRu
     return SideRun("scrapy", products, wall, crawl_s, cpu, rss, 0.0, pages, not_modified, images)
 
 
+def run_bare(base: str, products: int, concurrency: int, work: Path) -> tuple[SideRun, float]:
+    """The fetch-only ceiling (bench/bare_client.py), and the shop's unloaded latency."""
+    stats_file = work / "bare-stats.json"
+    command = [sys.executable, "-m", "bench.bare_client", "--base", base,
+               "--concurrency", str(concurrency), "--stats", str(stats_file)]  # fmt: skip
+    wall, cpu, rss = _measured(command, dict(os.environ))
+    stats = json.loads(stats_file.read_text())
+    run = SideRun("bare aiohttp", products, wall, stats["elapsed_s"], cpu, rss, 0.0,
+                  stats["pages"], 0, 0)  # fmt: skip
+    return run, float(stats["unloaded_latency_s"]["mean"])
+
+
 def reset_database() -> None:
     from bench.crawl_agreement import recreate_and_migrate
 
     recreate_and_migrate(BENCH_DB)
 
 
-def print_runs(runs: list[SideRun], bound: float) -> None:
+def print_runs(runs: list[SideRun], bound: float, measured: dict[int, float]) -> None:
+    """``measured``: the bound at the shop's measured latency, by catalog size."""
     print(f"\n{'side':<22}{'products':>9}{'pages':>8}{'304s':>7}{'crawl s':>8}{'pages/s':>9}"
-          f"{'of bound':>9}{'CPU s/1k':>10}{'+PG s/1k':>10}{'peak MiB':>10}")  # fmt: skip
+          f"{'of bound':>9}{'of meas.':>9}{'CPU s/1k':>10}{'+PG s/1k':>10}"
+          f"{'peak MiB':>10}")  # fmt: skip
     for run in runs:
         print(f"{run.side:<22}{run.products:>9}{run.pages:>8}{run.not_modified:>7}"
-              f"{run.crawl_s:>8.1f}{run.pages_per_s:>9.1f}{run.pages_per_s / bound:>9.0%}"
+              f"{run.crawl_s:>8.1f}{run.pages_per_s:>9.1f}{run.pages_per_s / bound:>9.1%}"
+              f"{run.pages_per_s / measured[run.products]:>9.1%}"
               f"{run.cpu_s_per_1k_pages:>10.2f}{run.db_cpu_s_per_1k_pages:>10.2f}"
               f"{run.peak_rss_mib:>10.0f}")  # fmt: skip
 
@@ -212,7 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         reset_database()
+        measured: dict[int, float] = {}  # catalog size -> bound at the measured latency
         with fixture_shop(args.products, args.latency_ms) as base:
+            # First: the shop's real latency, and every page rendered in its cache,
+            # so that every side measured after meets the shop in the same state.
+            bare, latency_s = run_bare(base, args.products, args.concurrency, work)
+            measured[args.products] = args.concurrency / latency_s
             env = _atelier_env(base, args.concurrency, False, work / "blobs")
             first = run_atelier(base, args.products, "atelier first", env)
             refresh = run_atelier(base, args.products, "atelier refresh", env)
@@ -227,21 +254,30 @@ def main(argv: list[str] | None = None) -> None:
             agreement = agreement_table(
                 truth, atelier_products(BENCH_DB, "fixture"), scrapy_products(work / "feed.jsonl")
             )
-        runs += [first, refresh, scrapy, with_images]
+        runs += [bare, first, refresh, scrapy, with_images]
         memory: list[SideRun] = []
         for size in (int(s) for s in args.memory_sizes.split(",") if s):
             reset_database()
             with fixture_shop(size, args.latency_ms) as base:
+                sized_bare, latency_s = run_bare(base, size, args.concurrency, work)
+                measured[size] = args.concurrency / latency_s
+                memory.append(sized_bare)
                 env = _atelier_env(base, args.concurrency, False, work / f"blobs-{size}")
                 memory.append(run_atelier(base, size, f"atelier {size}", env))
                 memory.append(run_scrapy(base, size, args.concurrency, work))
     print(f"bound: {args.concurrency} in flight / {args.latency_ms:.0f} ms = {bound:.0f} pages/s")
-    print_runs(runs, bound)
+    for size, value in measured.items():
+        latency_ms = 1000 * args.concurrency / value
+        print(f"measured bound ({size} products): {args.concurrency} in flight / "
+              f"{latency_ms:.2f} ms unloaded = {value:.0f} pages/s")  # fmt: skip
+    print_runs(runs, bound, measured)
     print("\nmemory against catalog size (first crawls):")
-    print_runs(memory, bound)
+    print_runs(memory, bound, measured)
     ratios = {
         "pages_per_s_atelier_over_scrapy": first.pages_per_s / scrapy.pages_per_s,
         "atelier_share_of_bound": first.pages_per_s / bound,
+        "atelier_share_of_measured_bound": first.pages_per_s / measured[args.products],
+        "atelier_over_bare_client": first.pages_per_s / bare.pages_per_s,
         "cpu_per_page_atelier_over_scrapy": first.cpu_s_per_1k_pages / scrapy.cpu_s_per_1k_pages,
         "cpu_per_page_atelier_with_postgres_over_scrapy": (
             (first.cpu_s + first.db_cpu_s) / max(first.pages, 1)
@@ -258,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         {
             "settings": vars(args),
             "bound_pages_per_s": bound,
+            "measured_bound_pages_per_s": {str(k): v for k, v in measured.items()},
             "runs": [run.__dict__ | {"pages_per_s": run.pages_per_s} for run in runs],
             "memory": [run.__dict__ for run in memory],
             "ratios": ratios,
