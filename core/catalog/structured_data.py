@@ -123,9 +123,9 @@ def _walk(data: Any, depth: int) -> Iterator[dict[str, Any]]:
 
 def _is_type(node: dict[str, Any], name: str) -> bool:
     types = node.get("@type")
-    values = types if isinstance(types, list) else [types]
     return any(
-        isinstance(t, str) and t.rsplit("/", 1)[-1].rsplit(":", 1)[-1] == name for t in values
+        isinstance(t, str) and t.rsplit("/", 1)[-1].rsplit(":", 1)[-1] == name
+        for t in _as_list(types)
     )
 
 
@@ -142,7 +142,7 @@ def _name_of(value: Any) -> str:
 
 
 def _image_urls(value: Any) -> Iterator[str]:
-    for item in value if isinstance(value, list) else [value]:
+    for item in _as_list(value):
         if isinstance(item, str):
             yield item
         elif isinstance(item, dict):
@@ -179,13 +179,12 @@ def _offers(product: dict[str, Any]) -> list[dict[str, Any]]:
     """Offer nodes, an AggregateOffer's own offers unfolded (or itself, as one)."""
     raw = product.get("offers")
     found: list[dict[str, Any]] = []
-    for offer in raw if isinstance(raw, list) else [raw]:
+    for offer in _as_list(raw):
         if not isinstance(offer, dict):
             continue
         nested = offer.get("offers")
         if _is_type(offer, "AggregateOffer") and isinstance(nested, list | dict):
-            found.extend(o for o in (nested if isinstance(nested, list) else [nested])
-                         if isinstance(o, dict))  # fmt: skip
+            found.extend(o for o in _as_list(nested) if isinstance(o, dict))
         else:
             found.append(offer)
     return found
