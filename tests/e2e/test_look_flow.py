@@ -216,7 +216,9 @@ async def test_stopping_a_worker_hands_its_job_back(
     leaving.send_signal(signal.SIGTERM)  # a deploy, not a crash
     back = await _wait(client, auth, train["id"], lambda j: j["status"] != "running", within=30)
     # Handed back at once, well before the reaper's staleness limit, no attempt spent.
-    assert back["status"] in ("queued", "scheduled") and back["attempts"] == 0, back
+    handed_back = back["status"] in ("queued", "scheduled") and back["attempts"] == 0
+    # Seen once in a fresh-clone run (attempts 1): the worker's log says which path it took.
+    assert handed_back, (back, processes.log("leaving")[-4000:])
     processes.worker("next")
     done = await _wait(client, auth, train["id"], _finished)
     assert done["status"] == "succeeded" and done["attempts"] == 1, done
