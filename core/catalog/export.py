@@ -16,7 +16,10 @@ descriptor changed, its old folder goes. Each folder holds a ``.product_id``
 file, so a folder name is known to belong to the product or to another one.
 
 Products are read in keyset chunks, never all at once; what is kept in memory
-is one product id and folder name per exported product.
+is one product id and folder name per exported product. An image whose padded
+blob is missing from the blob store (a wrong ATELIER_BLOB_DIR, a store restored
+without it) is logged, counted in the manifest and left out; a product left
+with no image keeps what an earlier export wrote for it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -43,7 +47,9 @@ from core.db.engine import make_engine, make_sessionmaker
 from core.db.models import utcnow
 from core.errors import NotFound
 from core.settings import get_settings
-from core.storage import BlobStore, blob_store_from_settings
+from core.storage import BlobNotFound, BlobStore, blob_store_from_settings
+
+log = logging.getLogger("atelier.catalog")
 
 PAIRS = "pairs.jsonl"
 MANIFEST = "manifest.json"
@@ -62,6 +68,7 @@ class ExportSummary:
     images: int = 0
     pairs: int = 0  # lines in pairs.jsonl after the export
     folders_removed: int = 0
+    images_missing: int = 0  # rows whose padded blob the store did not have
     exported_at: str = ""
     site: str | None = None
     since_run: str | None = None
@@ -108,8 +115,11 @@ async def export_catalog(
     exported: dict[uuid.UUID, str] = {}  # product id -> its folder, this export
     fresh = to / f"{PAIRS}.tmp"
     with fresh.open("w", encoding="utf-8") as pairs:
-        async for product, images in _products(sessions, site, since, chunk):
-            pngs = [await store.get(image.padded_blob_key) for image in images]
+        async for product, listed in _products(sessions, site, since, chunk):
+            images, pngs = await _stored_images(store, listed)
+            summary.images_missing += len(listed) - len(images)
+            if not images:
+                continue
             folder = await asyncio.to_thread(_write_folder, to, product, pngs)
             exported[product.id] = folder
             for position, image in enumerate(images):
@@ -122,6 +132,24 @@ async def export_catalog(
     manifest = json.dumps(asdict(summary), indent=2) + "\n"
     await asyncio.to_thread((to / MANIFEST).write_text, manifest)
     return summary
+
+
+async def _stored_images(
+    store: BlobStore, images: list[CatalogImage]
+) -> tuple[list[CatalogImage], list[bytes]]:
+    """The images whose padded blob the store has, with those blobs, in order."""
+    kept: list[CatalogImage] = []
+    pngs: list[bytes] = []
+    for image in images:
+        try:
+            pngs.append(await store.get(image.padded_blob_key))
+        except BlobNotFound:
+            # INFO: a wrong blob dir misses every image; the summary gives the count.
+            log.info("catalog image %s: no blob %s, left out", image.sha256,
+                     image.padded_blob_key)  # fmt: skip
+            continue
+        kept.append(image)
+    return kept, pngs
 
 
 def _pair(folder: str, position: int, product: Product, image: CatalogImage) -> dict[str, str]:
@@ -271,7 +299,9 @@ async def _main(args: argparse.Namespace) -> None:
     print(
         f"exported {summary.products:,} products, {summary.images:,} images to {args.to}; "
         f"{summary.pairs:,} pairs in {PAIRS}"
-    )
+        + (f"; {summary.images_missing:,} images missing from the blob store, left out"
+           if summary.images_missing else "")
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel import col
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.catalog.export import OWNER_FILE, export_catalog, folder_name, suffixed
 from core.catalog.images import ingest_image, set_product_images
-from core.db.catalog_models import CrawlRun, Product
+from core.db.catalog_models import CatalogImage, CrawlRun, Product, ProductImage
 from core.db.engine import session_scope
 from core.db.models import utcnow
 from core.settings import Settings
@@ -198,3 +198,34 @@ async def test_cli_since_last(
     assert incremental.returncode == 0, incremental.stderr
     assert "exported 0 products" in incremental.stdout
     assert len(_pairs(tmp_path)) == 3
+
+
+async def _padded_keys(sessions: Sessions, product: Product) -> list[str]:
+    async with sessions() as session:
+        rows = await session.exec(
+            select(CatalogImage.padded_blob_key)
+            .join(ProductImage, col(ProductImage.image_sha256) == col(CatalogImage.sha256))
+            .where(col(ProductImage.product_id) == product.id)
+            .order_by(col(ProductImage.position))
+        )
+        return list(rows.all())
+
+
+async def test_images_missing_from_the_blob_store_are_left_out_and_counted(
+    sessions: Sessions, blobs: BlobStore, tmp_path: Path
+) -> None:
+    dress = await _product(sessions, blobs, "Erdem", "Floral midi dress", images=3)
+    coat = await _product(sessions, blobs, "Khaite", "Wool coat", images=2)
+    dress_keys = await _padded_keys(sessions, dress)
+    for key in [dress_keys[1], *await _padded_keys(sessions, coat)]:
+        await blobs.delete(key)  # the blob store lost them, the rows stayed
+
+    summary = await export_catalog(sessions, blobs, tmp_path, site="fixture")
+
+    assert (summary.products, summary.images, summary.images_missing) == (1, 2, 3)
+    assert _folders(tmp_path) == {"Erdem Floral midi dress"}
+    pairs = _pairs(tmp_path)
+    assert [p["image"] for p in pairs] == [f"Erdem Floral midi dress/{i}.png" for i in (0, 1)]
+    kept = [(tmp_path / p["image"]).read_bytes() for p in pairs]
+    assert kept == [await blobs.get(dress_keys[0]), await blobs.get(dress_keys[2])]
+    assert json.loads((tmp_path / "manifest.json").read_text())["images_missing"] == 3
