@@ -9,10 +9,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 
 from api import problems
-from api.routes import admin, generations, jobs, outputs, products, subjects, system
+from api.routes import admin, generations, jobs, outputs, products, search, subjects, system
 from core.db.engine import make_engine, make_sessionmaker
 from core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from core.settings import Settings, get_settings
+from core.shop.searcher import CatalogSearcher
 from core.storage import blob_store_from_settings
 
 
@@ -25,6 +26,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = make_sessionmaker(engine)
         app.state.store = blob_store_from_settings(settings)
+        app.state.searcher = CatalogSearcher(
+            settings, app.state.store, settings.models_dir / "encoder-cache"
+        )
         yield
         await engine.dispose()
 
@@ -35,7 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (subjects, generations, jobs, outputs, products, admin, system):
+    # search before products: /v1/products/search is not a product id.
+    for module in (subjects, generations, jobs, search, outputs, products, admin, system):
         app.include_router(module.router)
 
     @app.middleware("http")

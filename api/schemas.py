@@ -9,14 +9,6 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from core.db.models import Job, Output, Subject
-from core.generations import (
-    DEFAULT_SCHEDULER,
-    MAX_SEED,
-    MAX_SIDE,
-    MIN_SIDE,
-    SIDE_MULTIPLE,
-    SchedulerName,
-)
 
 
 class SubjectOut(BaseModel):
@@ -46,35 +38,6 @@ class TrainIn(BaseModel):
         description="other subjects of the account to learn in the same run, each bound to"
         " its own token; every subject of the run gets the LoRA (at most"
         " ATELIER_MAX_SUBJECTS_PER_RUN subjects in all)",
-    )
-
-
-class GenerationIn(BaseModel):
-    subject_id: uuid.UUID
-    prompt: str = Field(description="what the subject wears, e.g. 'a Harry Potter costume'")
-    num_images: int = 4
-    seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="image i uses seed + i (default: random, recorded)"
-    )
-    negative_prompt: str = ""
-    steps: int | None = Field(None, ge=1, le=150, description="default: the profile's")
-    guidance_scale: float | None = Field(None, ge=0, le=30, description="default: the profile's")
-    width: int | None = Field(
-        None,
-        ge=MIN_SIDE,
-        le=MAX_SIDE,
-        multiple_of=SIDE_MULTIPLE,
-        description="pixels, a multiple of 8 (default: the profile's resolution)",
-    )
-    height: int | None = Field(
-        None,
-        ge=MIN_SIDE,
-        le=MAX_SIDE,
-        multiple_of=SIDE_MULTIPLE,
-        description="pixels, a multiple of 8 (default: the profile's resolution)",
-    )
-    scheduler: SchedulerName | None = Field(
-        None, description=f"sampler (default: {DEFAULT_SCHEDULER}, DPM-Solver++ 2M)"
     )
 
 

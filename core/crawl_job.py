@@ -28,7 +28,9 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core import jobs
 from core.accounts import system_account
 from core.catalog.crawl import CrawlProgress, crawl_site, known_sites
+from core.clip_jobs import after_crawl
 from core.db.catalog_models import CrawlRun, CrawlStatus
+from core.db.engine import session_scope
 from core.db.models import ACTIVE, Job, JobKind
 from core.errors import AtelierError, Canceled, Conflict, ErrorKind, InvalidInput
 from core.execution import JobContext, JobResult
@@ -148,7 +150,11 @@ async def run_crawl(ctx: JobContext) -> JobResult:
             f"crawl of {site} ended {run.status} (run {run.id}, errors {run.errors})",
             crawl_run_id=str(run.id),
         )
-    return JobResult(result=crawl_result(run))
+    async with session_scope(ctx.sessions) as session:
+        followups = await after_crawl(session, ctx.settings, ctx.job.account_id, run)
+    result = crawl_result(run)
+    result["followup_job_ids"] = [str(job.id) for job in followups]
+    return JobResult(result=result)
 
 
 def crawl_result(run: CrawlRun) -> dict[str, Any]:

@@ -91,5 +91,26 @@ class CheckpointMissing(AtelierError):
     title = "Model checkpoint missing"
 
 
+class SearchImageRejected(AtelierError):
+    """An image uploaded to product search cannot be read."""
+
+    code = "search-image-rejected"
+    title = "Search image rejected"
+
+
+class SearchImageTooLarge(SearchImageRejected):
+    kind = ErrorKind.too_large
+    code = "search-image-too-large"
+    title = "Search image too large"
+
+
+class IndexNotReady(AtelierError):
+    """No fashion-CLIP version is active yet: the catalog has not been embedded."""
+
+    kind = ErrorKind.unavailable
+    code = "index-not-ready"
+    title = "Catalog index not ready"
+
+
 class Canceled(Exception):
     """Raised inside a running job when it must stop at the next step."""

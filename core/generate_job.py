@@ -1,52 +1,140 @@
-"""The `generate` job: the subject's LoRA + a prompt in, N images with their seeds out."""
+"""The `generate` job: a look's images, grounded in the catalog and linked to it.
+
+Stages: load the pipeline, the subject's LoRA and the fashion CLIP; ground the
+prompt in in-stock products; generate ``candidates`` images (image i from seed
++ i); rerank them and keep the best ``num_images``; match each kept image, whole
+and by garment region, to in-stock products. Discarded candidates are never
+stored. Without an active fashion-CLIP version (the catalog not embedded yet)
+the look is made ungrounded, kept in generation order and linked to nothing,
+and the result says why.
+"""
 
 from __future__ import annotations
 
+import io
+from typing import Any
+
+from PIL import Image
+
+from core.clip_catalog import version_encoder
 from core.db.models import Output
+from core.db.shop_models import ClipModel, LookItem
 from core.errors import Conflict
 from core.execution import JobContext, JobResult
-from core.ml_runtime import resident_lora_cache, resident_pipeline
-from core.subjects import get_subject, latest_lora, output_key
+from core.job_specs import GenerationSpec, generation_spec_of
+from core.ml_runtime import (
+    resident_catalog_index,
+    resident_clip_runtime,
+    resident_lora_cache,
+    resident_pipeline,
+)
+from core.shop import look
+from core.shop.catalog_index import CatalogIndex
+from core.shop.grounding import GroundedPrompt
+from core.shop.rerank import CandidateScores, RerankWeights
+from core.subjects import get_subject, latest_lora, output_key, subject_photos
 
-_LOAD, _GENERATE = 0.05, 0.90
+# Shares of the job's progress bar per stage (denoising dominates).
+_LOAD, _GROUND, _GENERATE, _RERANK, _MATCH = 0.05, 0.02, 0.80, 0.05, 0.06
+
+
+def _weights(ctx: JobContext) -> RerankWeights:
+    s = ctx.settings
+    return RerankWeights(s.rerank_prompt_weight, s.rerank_catalog_weight, s.rerank_likeness_weight)
+
+
+async def _photos(ctx: JobContext, subject_id: Any) -> list[Image.Image]:
+    """The subject's training crops (the face and shoulders), for likeness."""
+    async with ctx.sessions() as session:
+        photos = await subject_photos(session, subject_id)
+    keys = [p.train_blob_key or p.blob_key for p in photos]
+    return [Image.open(io.BytesIO(await ctx.store.get(key))).convert("RGB") for key in keys]
+
+
+async def _ground(
+    ctx: JobContext, spec: GenerationSpec, prompt: str, clip: Any, index: CatalogIndex, pipe: Any
+) -> GroundedPrompt:
+    query = (await ctx.compute(clip.encode_texts, [spec.prompt]))[0]
+
+    def count_tokens(text: str) -> int:
+        return len(pipe.tokenizer(text).input_ids)
+
+    async with ctx.sessions() as session:
+        return await look.ground(
+            session, index, query, prompt, spec.filters, ctx.settings.grounding_products,
+            count_tokens,
+        )  # fmt: skip
+
+
+async def _match(
+    ctx: JobContext, spec: GenerationSpec, clip: Any, index: CatalogIndex, images: list[Any]
+) -> list[list[look.RegionMatches]]:
+    side = ctx.settings.catalog_image_side
+    assert spec.products_per_image is not None
+    matched = []
+    for done, image in enumerate(images):
+        crops = look.region_images(image, side)
+        vectors = await ctx.compute(clip.encode_images, crops)
+        async with ctx.sessions() as session:
+            matched.append(
+                await look.match(session, index, vectors, spec.filters, spec.products_per_image)
+            )
+        ctx.progress.step(done + 1, len(images))
+    return matched
+
+
+async def _fashion_clip(ctx: JobContext) -> tuple[CatalogIndex | None, Any]:
+    """The catalog index and the encoder of its version; (None, None) before the
+    catalog was first embedded."""
+    async with ctx.sessions() as session:
+        index = await resident_catalog_index(ctx.settings, session)
+        version = await session.get(ClipModel, index.model_id) if index else None
+    if index is None or version is None:
+        return None, None
+    runtime = await ctx.compute(resident_clip_runtime, ctx.settings)
+    return index, await version_encoder(ctx, runtime, version)
 
 
 async def run_generation(ctx: JobContext) -> JobResult:
-    from core.ml.generate import DEFAULT_SCHEDULER, GenerateParams, generate_images, subject_prompt
+    from core.ml.generate import GenerateParams, generate_images, subject_prompt
     from core.ml.lora_cache import LoraWeights
     from core.ml.profiles import get_profile
 
     job = ctx.job
-    assert job.subject_id is not None
-    p = job.params
-    profile = get_profile(p["profile"])
+    spec = generation_spec_of(job)
+    profile = get_profile(spec.profile or ctx.settings.profile)
     ctx.progress.stage("loading model", start=0.0, weight=_LOAD)
     async with ctx.sessions() as session:
-        subject = await get_subject(session, job.account_id, job.subject_id)
+        subject = await get_subject(session, job.account_id, spec.subject_id)
         lora_row = await latest_lora(session, subject.id, profile.name)
     if lora_row is None:
         raise Conflict(f"subject {subject.id} has no LoRA for profile {profile.name}")
     lora = await ctx.store.get(lora_row.blob_key)
     pipe = await ctx.compute(resident_pipeline, ctx.settings, profile)
     cache = resident_lora_cache(ctx.settings, pipe, profile)
+    index, clip = await _fashion_clip(ctx)
     ctx.raise_if_stopped()
 
-    # Jobs created before width/height/scheduler existed lack them: the defaults.
+    prompt = subject_prompt(subject.token, subject.class_noun, spec.prompt)
+    grounded = GroundedPrompt(prompt, [], 0)
+    ctx.progress.stage("grounding", start=_LOAD, weight=_GROUND)
+    if spec.grounding and index is not None and clip is not None:
+        grounded = await _ground(ctx, spec, prompt, clip, index, pipe)
+    assert spec.seed is not None and spec.candidates is not None and spec.steps is not None
     params = GenerateParams(
-        prompt=subject_prompt(subject.token, subject.class_noun, p["prompt"]),
-        negative_prompt=p.get("negative_prompt") or "",
-        num_images=int(p["num_images"]),
-        seed=int(p["seed"]),
-        steps=int(p.get("steps") or profile.inference_steps),
-        guidance_scale=float(
-            profile.guidance_scale if p.get("guidance_scale") is None else p["guidance_scale"]
-        ),
-        width=int(p.get("width") or profile.resolution),
-        height=int(p.get("height") or profile.resolution),
-        scheduler=p.get("scheduler") or DEFAULT_SCHEDULER,
+        prompt=grounded.prompt,
+        negative_prompt=spec.negative_prompt,
+        # Without a fashion CLIP there is nothing to rank candidates by.
+        num_images=spec.candidates if clip is not None else spec.num_images,
+        seed=spec.seed,
+        steps=spec.steps,
+        guidance_scale=float(spec.guidance_scale or 0.0),
+        width=spec.width or profile.resolution,
+        height=spec.height or profile.resolution,
+        scheduler=spec.scheduler or "dpmpp_2m",
     )
-    ctx.progress.stage("generating", start=_LOAD, weight=_GENERATE)
-    images = await ctx.compute(
+    ctx.progress.stage("generating", start=_LOAD + _GROUND, weight=_GENERATE)
+    candidates = await ctx.compute(
         generate_images,
         pipe,
         # The cache is keyed by the sha recorded at training; a blob whose bytes
@@ -57,26 +145,66 @@ async def run_generation(ctx: JobContext) -> JobResult:
         should_stop=ctx.stop.is_set,
         cache=cache,
     )
-    ctx.progress.stage("saving", start=_LOAD + _GENERATE, weight=1 - _LOAD - _GENERATE)
-    rows = []
-    for position, image in enumerate(images):
+    pictures = [Image.open(io.BytesIO(c.png)).convert("RGB") for c in candidates]
+    ctx.progress.stage("reranking", start=_LOAD + _GROUND + _GENERATE, weight=_RERANK)
+    scores: list[CandidateScores] | None = None
+    if clip is not None:
+        photos = await _photos(ctx, subject.id)
+        scores = await ctx.compute(
+            look.rerank, clip, pictures, spec.prompt, photos, index, spec.filters, _weights(ctx)
+        )
+        kept = [s.index for s in scores[: spec.num_images]]
+    else:
+        kept = list(range(spec.num_images))
+    ctx.raise_if_stopped()
+    ctx.progress.stage("matching", start=1 - _MATCH - 0.02, weight=_MATCH)
+    matches = (
+        await _match(ctx, spec, clip, index, [pictures[i] for i in kept])
+        if clip is not None and index is not None
+        else [[] for _ in kept]
+    )
+    ctx.progress.stage("saving", start=0.98, weight=0.02)
+    by_index = {s.index: s for s in scores or []}
+    outputs: list[Output] = []
+    items: list[LookItem] = []
+    for position, (i, found) in enumerate(zip(kept, matches, strict=True)):
+        image = candidates[i]
         key = output_key(subject.id, job.id, position)
         await ctx.put_blob(key, image.png)
-        rows.append(
-            Output(
-                job_id=job.id,
-                subject_id=subject.id,
-                account_id=job.account_id,
-                position=position,
-                blob_key=key,
-                seed=image.seed,
-                width=image.width,
-                height=image.height,
-            )
+        score = by_index.get(i)
+        output = Output(
+            job_id=job.id,
+            subject_id=subject.id,
+            account_id=job.account_id,
+            position=position,
+            blob_key=key,
+            seed=image.seed,
+            width=image.width,
+            height=image.height,
+            scores=score.as_dict() if score else None,
+            candidate_rank=score.rank if score else None,
         )
-    result = {
-        "output_ids": [str(r.id) for r in rows],
-        "seeds": [r.seed for r in rows],
+        outputs.append(output)
+        if index is not None:
+            items += look.look_item_rows(output.id, found, index.model_id)
+    result = _result(spec, params, profile.name, lora_row, outputs, grounded, index, len(items))
+    keys = [o.blob_key for o in outputs]
+    return JobResult(result=result, rows=[*outputs, *items], blob_keys=keys)
+
+
+def _result(
+    spec: GenerationSpec,
+    params: Any,
+    profile: str,
+    lora_row: Any,
+    outputs: list[Output],
+    grounded: GroundedPrompt,
+    index: CatalogIndex | None,
+    look_items: int,
+) -> dict[str, Any]:
+    return {
+        "output_ids": [str(o.id) for o in outputs],
+        "seeds": [o.seed for o in outputs],
         "lora_id": str(lora_row.id),
         "lora_sha256": lora_row.sha256,
         "prompt": params.prompt,
@@ -88,6 +216,16 @@ async def run_generation(ctx: JobContext) -> JobResult:
         "width": params.width,
         "height": params.height,
         "scheduler": params.scheduler,
-        "profile": profile.name,
+        "profile": profile,
+        "candidates": params.num_images,
+        "grounding": {
+            "products": [
+                {"product_id": p.product_id, "descriptor": p.descriptor, "score": p.score}
+                for p in grounded.used
+            ],
+            "tokens": grounded.tokens,
+        },
+        "clip_model_id": str(index.model_id) if index else None,
+        "look_items": look_items,
+        "shop": "matched" if index else "index-not-ready: ungrounded, unmatched",
     }
-    return JobResult(result=result, rows=list(rows), blob_keys=[r.blob_key for r in rows])

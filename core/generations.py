@@ -13,8 +13,7 @@ A training job may learn several subjects of the account at once
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -22,73 +21,9 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core import jobs
 from core.db.models import Job, JobKind, Output, Subject
 from core.errors import InvalidInput, NotFound
-from core.ml.profiles import get_profile
+from core.job_specs import GenerationSpec
 from core.settings import Settings
 from core.subjects import get_subject, latest_lora, subject_photos
-
-# Seeds are recorded per image as seed + i; keep them in a range every generator takes.
-MAX_SEED = 2**31 - 1
-
-# Samplers a client may pick (core.ml.generate.SCHEDULERS maps them to diffusers
-# classes; kept here too so the API validates them without importing torch).
-SchedulerName = Literal["dpmpp_2m", "euler_a", "ddim", "pndm"]
-SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
-DEFAULT_SCHEDULER: SchedulerName = "dpmpp_2m"
-# Image sides: SD 1.x latents are 1/8 of the image, so multiples of 8. The bounds
-# are module constants until settings grow ATELIER_MIN_SIDE / ATELIER_MAX_SIDE:
-# below 64 px nothing recognisable comes out; 1024 px, twice SD 1.5's training
-# side, caps a request's cost at 4x the pixels and memory of 512 px.
-SIDE_MULTIPLE = 8
-MIN_SIDE = 64
-MAX_SIDE = 1024
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    subject_id: uuid.UUID
-    prompt: str
-    num_images: int = 4
-    seed: int | None = None
-    negative_prompt: str = ""
-    steps: int | None = None
-    guidance_scale: float | None = None
-    width: int | None = None  # None: the profile's resolution
-    height: int | None = None
-    scheduler: str | None = None  # None: DEFAULT_SCHEDULER
-
-
-def check_side(value: int, field: str) -> int:
-    if not MIN_SIDE <= value <= MAX_SIDE:
-        raise InvalidInput(
-            f"{field} must be {MIN_SIDE}-{MAX_SIDE} pixels (got {value})", field=field
-        )
-    if value % SIDE_MULTIPLE:
-        raise InvalidInput(
-            f"{field} must be a multiple of {SIDE_MULTIPLE} pixels (got {value})", field=field
-        )
-    return value
-
-
-def check_scheduler(name: str | None) -> str:
-    if name is None:
-        return DEFAULT_SCHEDULER
-    if name not in SCHEDULERS:
-        raise InvalidInput(
-            f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}", field="scheduler"
-        )
-    return name
-
-
-def check_prompt(prompt: str, settings: Settings, field: str = "prompt") -> str:
-    text = " ".join(prompt.split())
-    if not text:
-        raise InvalidInput(f"{field} is empty", field=field)
-    if len(text) > settings.max_prompt_chars:
-        raise InvalidInput(
-            f"{field} is {len(text)} characters; the limit is {settings.max_prompt_chars}",
-            field=field,
-        )
-    return text
 
 
 async def _run_subjects(
@@ -161,29 +96,15 @@ async def request_generation(
     session: AsyncSession,
     settings: Settings,
     account_id: uuid.UUID,
-    request: GenerationRequest,
+    request: GenerationSpec,
     *,
     idempotency_key: str | None = None,
 ) -> Job:
     subject = await get_subject(session, account_id, request.subject_id)
-    prompt = check_prompt(request.prompt, settings)
-    negative = (
-        check_prompt(request.negative_prompt, settings, "negative_prompt")
-        if (request.negative_prompt.strip())
-        else ""
-    )
-    if not 1 <= request.num_images <= settings.max_images:
-        raise InvalidInput(f"num_images must be 1-{settings.max_images}", field="num_images")
-    seed = request.seed if request.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4]) >> 1
-    if not 0 <= seed <= MAX_SEED - settings.max_images:
-        raise InvalidInput(f"seed must be 0-{MAX_SEED - settings.max_images}", field="seed")
-    resolution = get_profile(settings.profile).resolution
-    width = check_side(request.width if request.width is not None else resolution, "width")
-    height = check_side(request.height if request.height is not None else resolution, "height")
-    scheduler = check_scheduler(request.scheduler)
-
+    spec = request.resolve(settings)
+    assert spec.profile is not None
     depends_on = None
-    if await latest_lora(session, subject.id, settings.profile) is None:
+    if await latest_lora(session, subject.id, spec.profile) is None:
         training = await jobs.active_job_for_subject(session, subject.id, JobKind.train)
         if training is None:
             training = await jobs.create_job(
@@ -191,28 +112,16 @@ async def request_generation(
                 account_id=account_id,
                 kind=JobKind.train,
                 subject_id=subject.id,
-                params={"profile": settings.profile},
+                params={"profile": spec.profile},
                 max_attempts=settings.job_max_attempts,
             )
         depends_on = training.id
-    params: dict[str, Any] = {
-        "profile": settings.profile,
-        "prompt": prompt,
-        "negative_prompt": negative,
-        "num_images": request.num_images,
-        "seed": seed,
-        "steps": request.steps,
-        "guidance_scale": request.guidance_scale,
-        "width": width,
-        "height": height,
-        "scheduler": scheduler,
-    }
     job = await jobs.create_job(
         session,
         account_id=account_id,
         kind=JobKind.generate,
         subject_id=subject.id,
-        params=params,
+        params=spec.params(),
         max_attempts=settings.job_max_attempts,
         depends_on=depends_on,
         idempotency_key=idempotency_key,
@@ -231,3 +140,9 @@ async def get_output(session: AsyncSession, account_id: uuid.UUID, output_id: uu
     if output is None or output.account_id != account_id:
         raise NotFound(f"output {output_id} not found")
     return output
+
+
+async def job_of_output(session: AsyncSession, output: Output) -> Job:
+    job = await session.get(Job, output.job_id)
+    assert job is not None  # output.job_id is a foreign key with ON DELETE CASCADE
+    return job

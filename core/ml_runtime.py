@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 _resident: Any = None
 _lora_caches: dict[int, Any] = {}
 _lora_caches_guard = threading.Lock()
+_clip_runtime: Any = None
+_index_holder: Any = None
 
 
 def offline_quiet_env() -> None:
@@ -65,6 +67,26 @@ def forget_resident_loras(pipe: Any) -> None:
         cache = _lora_caches.get(id(pipe))
     if cache is not None and cache.pipe is pipe:
         cache.forget_resident()
+
+
+def resident_clip_runtime(settings: Settings) -> Any:
+    """This process's fashion-CLIP base (loaded once) and its versions' heads."""
+    global _clip_runtime
+    from core.ml.fashion_clip.runtime import ClipRuntime
+
+    if _clip_runtime is None:
+        _clip_runtime = ClipRuntime.load(settings)
+    return _clip_runtime
+
+
+async def resident_catalog_index(settings: Settings, session: Any) -> Any:
+    """This process's catalog index (reloaded when Postgres says it changed)."""
+    global _index_holder
+    from core.shop.catalog_index import IndexHolder
+
+    if _index_holder is None:
+        _index_holder = IndexHolder(settings.clip_profile, settings.index_check_s)
+    return await _index_holder.current(session)
 
 
 def warm_up(settings: Settings) -> None:

@@ -141,6 +141,46 @@ class Settings(BaseSettings):
     # sites overlap, and the periodic-crawl tick never waits behind a long crawl.
     cpu_worker_jobs: int = Field(4, ge=1)
 
+    # --- shop the look ----------------------------------------------------------------
+    # The fashion CLIP: a core.ml.fashion_clip.profiles key, and where its weights are
+    # (a directory with open_clip_config.json and the weights, or the weights file);
+    # default <models_dir>/clip-<profile>. Never downloaded at run time.
+    clip_profile: str = "tiny"
+    clip_model_path: Path | None = None
+    # Candidates generated per look to keep the best num_images: 6 for 4 kept costs
+    # 1.5x the denoising of 4 and gives the reranker two to drop.
+    look_candidates: int = Field(6, ge=1)
+    max_candidates: int = Field(12, ge=1)
+    # Reranking: weights of prompt match (CLIP-T), catalog match and likeness to the
+    # subject's photos in a candidate's combined score.
+    rerank_prompt_weight: float = Field(1.0, ge=0)
+    rerank_catalog_weight: float = Field(1.0, ge=0)
+    rerank_likeness_weight: float = Field(1.0, ge=0)
+    # Grounding: enrich the prompt with this many best-matching in-stock products.
+    grounding: bool = True
+    grounding_products: int = Field(2, ge=1)
+    # Shop-the-look: in-stock products matched per image and garment region.
+    products_per_image: int = Field(5, ge=1)
+    # A process holding the catalog index checks Postgres for a changed catalog or
+    # version at most this often (results are re-checked for stock either way).
+    index_check_s: float = Field(2.0, ge=0)
+    # A crawl that made more than this share of the site's live products new or
+    # changed queues a clip_finetune job (1 = never).
+    clip_finetune_after_change: float = Field(0.2, gt=0, le=1)
+    # Fine-tuning the heads: steps, batch (distinct products), learning rate, and the
+    # share of products held out to judge a version against the active one.
+    clip_finetune_steps: int = Field(300, ge=1)
+    clip_finetune_batch: int = Field(64, ge=2)
+    clip_finetune_lr: float = Field(1e-3, gt=0)
+    clip_holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    # Last blocks of the image / text tower unfrozen by default (0: heads only, no
+    # tower forward pass; more recomputes the towers on every step).
+    clip_unfreeze_image_blocks: int = Field(0, ge=0)
+    clip_unfreeze_text_blocks: int = Field(0, ge=0)
+    # Uploaded search images: bytes and pixels (decided from the header).
+    max_search_image_bytes: int = 10 * MiB
+    max_search_query_chars: int = 200
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -202,6 +202,25 @@ def run_crawl(http: httpx.Client, stack: Stack, *, wait: bool) -> None:
     for p in http.get("/v1/products", params={"limit": 3, "available": "true"}).json()["items"]:
         print(f"  {p['designer']} · {p['name']} · {p['price']} {p['currency']}  {p['buy_url']}")
         print(f"    image {p['image_url']}")
+    _follow_catalog_embedding(http, stack, r.get("followup_job_ids", []))
+
+
+def _follow_catalog_embedding(http: httpx.Client, stack: Stack, job_ids: list[str]) -> None:
+    """The crawl queued the catalog's embedding (and maybe a CLIP fine-tune): wait for
+    the embedding, so the look is grounded in and matched to what was just crawled."""
+    for job_id in job_ids:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        if job["kind"] == "catalog_embed":
+            done = _follow(http, stack, job_id, "embed")
+            if done["status"] != "succeeded":
+                raise SystemExit(f"catalog embedding {done['status']}: {done['error']}")
+            r = done["result"]
+            print(
+                f"catalog embedded: {r['images_embedded']:,} new image features,"
+                f" {r['rows_written']:,} index rows for version {r['clip_model_id'][:8]}"
+            )
+        elif job["kind"] == "clip_finetune":
+            print(f"a CLIP fine-tune is queued on the CPU worker: {job_id}")
 
 
 def run_look(http: httpx.Client, key: str, prompt: str, stack: Stack) -> None:
@@ -228,11 +247,32 @@ def run_look(http: httpx.Client, key: str, prompt: str, stack: Stack) -> None:
     print(f"look done in {time.monotonic() - started:.1f}s: {done['result']['prompt']!r}")
     out_dir = OUT_DIR / job["id"]
     out_dir.mkdir(parents=True, exist_ok=True)
+    grounding = done["result"].get("grounding", {}).get("products", [])
+    if grounding:
+        print("  grounded in: " + "; ".join(p["descriptor"] for p in grounding))
     for output in done["outputs"]:
         path = out_dir / f"{output['seed']}.png"
         path.write_bytes(http.get(output["url"]).content)
         print(f"  {path.relative_to(ROOT)}  {output['url']}  seed {output['seed']}")
+        _print_products(http, output["id"])
     print(f"\ncurl -H 'Authorization: Bearer {key}' {base_url}/v1/jobs/{job['id']}")
+
+
+# Products shown per image: the best of the whole image, then of each region.
+PRODUCTS_SHOWN = 3
+
+
+def _print_products(http: httpx.Client, output_id: str) -> None:
+    items = http.get(f"/v1/outputs/{output_id}/products").json()["items"]
+    shown = [i for i in items if i["region"] == "whole"][:PRODUCTS_SHOWN]
+    shown += [i for i in items if i["region"] != "whole" and i["rank"] == 0]
+    for item in shown:
+        p = item["product"]
+        flag = " (sold out)" if item["sold_out"] else ""
+        print(
+            f"    {item['region']:<5} {p['designer']} · {p['name']} · {p['price']}"
+            f" {p['currency']}{flag}  {p['buy_url']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

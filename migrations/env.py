@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
 # Imported for their side effect: they register every table on SQLModel.metadata.
-from core.db import catalog_models, models  # noqa: F401
+from core.db import catalog_models, models, shop_models  # noqa: F401
 from core.db.engine import make_engine
 from core.settings import Settings
 

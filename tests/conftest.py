@@ -58,6 +58,14 @@ def tiny_model_dir(settings: Settings) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip_dir(settings: Settings) -> Path:
+    """The tiny fashion CLIP, built once per test session through the real builder."""
+    from core.ml.fashion_clip.tiny import build_tiny_clip
+
+    return build_tiny_clip(settings.models_dir / "clip-tiny")
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_model_dir(settings: Settings) -> Path:
     """The tiny-sdxl checkpoint, built once per test session through the real builder."""
     from core.ml.tiny_sdxl import build_tiny_sdxl_checkpoint

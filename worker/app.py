@@ -1,9 +1,9 @@
 """arq wiring for a worker: startup, the one task function, shutdown.
 
 Thin on purpose: the task hands the job id to core's Executor, which claims the
-job in Postgres, runs it and records the outcome. A GPU worker (train, generate)
-and a CPU worker (crawl, worker/cpu.py) differ only in their queue, handlers and
-cron jobs.
+job in Postgres, runs it and records the outcome. A GPU worker (train, generate,
+catalog embedding) and a CPU worker (crawl, CLIP fine-tuning, worker/cpu.py)
+differ only in their queue, handlers and cron jobs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from arq.cron import CronJob
 from arq.worker import Worker, func
 
+from core.catalog_embed_job import run_catalog_embed
 from core.db.engine import make_engine, make_sessionmaker, session_scope
 from core.db.models import JobKind
 from core.execution import Compute, Executor, Handler
@@ -57,6 +58,7 @@ async def _liveness(settings: Settings, ctx: dict[str, Any]) -> None:
 GPU_HANDLERS: dict[JobKind, Handler] = {
     JobKind.train: run_training,
     JobKind.generate: run_generation,
+    JobKind.catalog_embed: run_catalog_embed,
 }
 
 

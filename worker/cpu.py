@@ -1,9 +1,11 @@
-"""The CPU worker: crawl jobs from the CPU queue, and the periodic crawl.
+"""The CPU worker: crawl jobs and fashion-CLIP fine-tunes from the CPU queue, and
+the periodic crawl.
 
-No model is loaded here. The periodic crawl is an arq cron job that ticks every
-minute (or every ``crawl_period_s`` when that is shorter) and asks core which
-sites are due: one with no crawl job created within the period and none
-waiting or running. Every CPU worker ticks; the per-site lock in
+No diffusion model is loaded here; a fine-tune loads the fashion CLIP when it
+runs (its heads train over stored features, with no tower pass). The periodic
+crawl is an arq cron job that ticks every minute (or every ``crawl_period_s``
+when that is shorter) and asks core which sites are due: one with no crawl job
+created within the period and none waiting or running. Every CPU worker ticks; the per-site lock in
 ``create_crawl_job`` makes two ticks at once create one job.
 """
 
@@ -16,6 +18,7 @@ from arq import cron
 from arq.cron import CronJob
 from arq.worker import Worker
 
+from core.clip_finetune_job import run_clip_finetune
 from core.crawl_job import create_due_crawl_jobs, run_crawl
 from core.db.engine import session_scope
 from core.db.models import JobKind
@@ -59,7 +62,7 @@ def build_cpu_worker(
         settings,
         CPU_DEVICE,
         queue=CPU_QUEUE,
-        handlers={JobKind.crawl: run_crawl},
+        handlers={JobKind.crawl: run_crawl, JobKind.clip_finetune: run_clip_finetune},
         cron_jobs=periodic_crawl(settings),
         max_jobs=settings.cpu_worker_jobs,
         burst=burst,

@@ -19,7 +19,7 @@ from core.db.models import JobKind
 
 # One shared queue for GPU workers until placement picks a GPU per job.
 GPU_QUEUE = "atelier:gpu"
-# CPU workers: crawls (and, later, embeddings and webhooks); no model loaded.
+# CPU workers: crawls and CLIP head fine-tuning (later webhooks); no diffusion model.
 CPU_QUEUE = "atelier:cpu"
 RUN_JOB = "run_job"  # the one arq function workers expose
 
@@ -29,6 +29,10 @@ QUEUE_BY_KIND: dict[JobKind, str] = {
     JobKind.train: GPU_QUEUE,
     JobKind.generate: GPU_QUEUE,
     JobKind.crawl: CPU_QUEUE,
+    # Runs the CLIP towers over new catalog images: a GPU's work.
+    JobKind.catalog_embed: GPU_QUEUE,
+    # Trains heads over stored features (no tower pass): cheap enough for a CPU.
+    JobKind.clip_finetune: CPU_QUEUE,
 }
 
 

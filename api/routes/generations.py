@@ -5,15 +5,16 @@ from typing import Annotated
 from fastapi import APIRouter, Header
 
 from api.deps import AccountDep, SessionDep, SettingsDep
-from api.schemas import GenerationIn, JobOut
-from core.generations import GenerationRequest, request_generation
+from api.schemas import JobOut
+from core.generations import request_generation
+from core.job_specs import GenerationSpec
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
 
 @router.post("", status_code=202, response_model=JobOut)
 async def create_generation(
-    body: GenerationIn,
+    body: GenerationSpec,
     account: AccountDep,
     session: SessionDep,
     settings: SettingsDep,
@@ -31,7 +32,7 @@ async def create_generation(
         session,
         settings,
         account,
-        GenerationRequest(**body.model_dump()),
+        body,
         idempotency_key=idempotency_key,
     )
     return JobOut.of(job)

@@ -103,10 +103,10 @@ async def search_products(
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = encode_cursor(rows[-1].first_seen, rows[-1].id) if more and rows else None
-    return ProductPage(rows, await _first_images([p.id for p in rows], session), next_cursor)
+    return ProductPage(rows, await first_images([p.id for p in rows], session), next_cursor)
 
 
-async def _first_images(
+async def first_images(
     product_ids: list[uuid.UUID], session: AsyncSession
 ) -> dict[uuid.UUID, CatalogImage]:
     if not product_ids:

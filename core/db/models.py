@@ -70,6 +70,10 @@ class JobKind(StrEnum):
     train = "train"
     generate = "generate"
     crawl = "crawl"  # a catalog crawl of one site, on a CPU worker
+    # Embed new and changed products' images for the active fashion-CLIP version.
+    catalog_embed = "catalog_embed"
+    # Fine-tune fashion-CLIP heads on the catalog; activated only if it beats the active one.
+    clip_finetune = "clip_finetune"
 
 
 class Account(SQLModel, table=True):
@@ -192,6 +196,10 @@ class Output(SQLModel, table=True):
     seed: int | None = None
     width: int
     height: int
+    # How the image was chosen among the generation's candidates: its scores
+    # (prompt match, catalog match, likeness, combined) and its rank among them.
+    scores: dict[str, Any] | None = Field(default=None, sa_type=JSONB)
+    candidate_rank: int | None = None
     created_at: datetime = _created()
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from httpx import AsyncClient
 from PIL import Image
+from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -22,7 +23,8 @@ from core.db.models import Job, JobKind, JobStatus, Lora, Subject
 from core.errors import InvalidInput
 from core.execution import Executor
 from core.generate_job import run_generation
-from core.generations import GenerationRequest, request_generation
+from core.generations import request_generation
+from core.job_specs import GenerationSpec
 from core.ml.profiles import get_profile
 from core.settings import Settings
 from core.storage import blob_store_from_settings
@@ -79,7 +81,23 @@ async def test_invalid_options_are_422_naming_the_field(
     assert problem["errors"][0]["loc"] == ["body", field]
 
 
-async def test_core_checks_options_for_callers_other_than_http(
+def test_the_spec_checks_options_for_callers_other_than_http() -> None:
+    """The route's body is the spec itself: a caller in core meets the same checks."""
+    subject_id = uuid.uuid4()
+    for kwargs, field in [
+        ({"width": 72 + 4}, "width"),
+        ({"height": 8}, "height"),
+        ({"width": 1032}, "width"),
+        ({"scheduler": "lms"}, "scheduler"),
+        ({"candidates": 0}, "candidates"),
+        ({"filters": {"currency": "EURO"}}, "filters"),
+    ]:
+        with pytest.raises(ValidationError) as refused:
+            GenerationSpec(subject_id=subject_id, prompt="a hat", **kwargs)
+        assert refused.value.errors()[0]["loc"][0] == field
+
+
+async def test_limits_of_the_deployment_are_checked_once_when_resolved(
     sessions: Sessions,
     settings: Settings,
     client: AsyncClient,
@@ -91,16 +109,18 @@ async def test_core_checks_options_for_callers_other_than_http(
         subject = await session.get(Subject, subject_id)
         assert subject is not None
         for kwargs, field in [
-            ({"width": 72 + 4}, "width"),
-            ({"height": 8}, "height"),
-            ({"width": 1032}, "width"),
-            ({"scheduler": "lms"}, "scheduler"),
+            ({"num_images": settings.max_images + 1}, "num_images"),
+            ({"num_images": 4, "candidates": 3}, "candidates"),
+            ({"candidates": settings.max_candidates + 1}, "candidates"),
+            ({"profile": "sdxl"}, "profile"),
+            ({"prompt": "   "}, "prompt"),
         ]:
-            request = GenerationRequest(subject_id=subject_id, prompt="a hat", **kwargs)  # type: ignore[arg-type]
+            request = GenerationSpec.model_validate(
+                {"subject_id": subject_id, "prompt": "a hat", **kwargs}
+            )
             with pytest.raises(InvalidInput) as refused:
                 await request_generation(session, settings, subject.account_id, request)
             assert refused.value.extra == {"field": field}
-            assert field in refused.value.detail
 
 
 async def test_defaults_and_choices_are_recorded(

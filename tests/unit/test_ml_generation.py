@@ -21,7 +21,7 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save
 
-from core import generations
+from core import job_specs
 from core.errors import InvalidInput
 from core.ml import tiny
 from core.ml.generate import (
@@ -171,8 +171,8 @@ def fresh_probe(pipe: StableDiffusionPipeline, lora: LoraWeights) -> torch.Tenso
 
 
 def test_scheduler_names_match_the_api() -> None:
-    assert set(SCHEDULERS) == set(generations.SCHEDULERS)
-    assert DEFAULT_SCHEDULER == generations.DEFAULT_SCHEDULER == "dpmpp_2m"
+    assert set(SCHEDULERS) == set(job_specs.SCHEDULERS)
+    assert DEFAULT_SCHEDULER == job_specs.DEFAULT_SCHEDULER == "dpmpp_2m"
 
 
 def test_each_scheduler_is_reproducible_and_they_differ(
