@@ -24,9 +24,11 @@ db: install services
 	$(PY) -m core.db.create
 	$(VENV)/bin/alembic upgrade head
 
-# The `tiny` profile's checkpoint: real diffusers/transformers classes, seeded random weights.
+# The `tiny` profiles' checkpoints: real diffusers/transformers/open_clip classes, seeded
+# random weights (Stable Diffusion, and the fashion CLIP).
 model: install
 	$(PY) -m core.ml.tiny $(MODELS)/tiny
+	$(PY) -m core.ml.fashion_clip.tiny $(MODELS)/clip-tiny
 
 demo: db model
 	$(PY) -m demo

@@ -23,6 +23,7 @@ from core import jobs
 from core.db.catalog_models import CrawlRun, Product
 from core.db.models import ACTIVE, Job, JobKind, JobStatus
 from core.errors import Conflict
+from core.ml.fashion_clip.profiles import get_clip_profile
 from core.settings import Settings
 
 # Bounds a client may ask for (a fine-tune is an operator's action, but a typo
@@ -46,11 +47,14 @@ class ClipFinetuneSpec(BaseModel):
     reason: str = Field("requested", max_length=200, description="why it runs (recorded)")
 
     def resolve(self, settings: Settings) -> ClipFinetuneSpec:
+        profile = get_clip_profile(settings.clip_profile)
         return self.model_copy(
             update={
-                "steps": self.steps or settings.clip_finetune_steps,
-                "batch_size": self.batch_size or settings.clip_finetune_batch,
-                "learning_rate": self.learning_rate or settings.clip_finetune_lr,
+                "steps": self.steps or settings.clip_finetune_steps or profile.train_steps,
+                "batch_size": self.batch_size or settings.clip_finetune_batch or profile.batch_size,
+                "learning_rate": self.learning_rate
+                or settings.clip_finetune_lr
+                or profile.learning_rate,
                 "unfreeze_image_blocks": settings.clip_unfreeze_image_blocks
                 if self.unfreeze_image_blocks is None
                 else self.unfreeze_image_blocks,

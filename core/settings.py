@@ -167,11 +167,12 @@ class Settings(BaseSettings):
     # A crawl that made more than this share of the site's live products new or
     # changed queues a clip_finetune job (1 = never).
     clip_finetune_after_change: float = Field(0.2, gt=0, le=1)
-    # Fine-tuning the heads: steps, batch (distinct products), learning rate, and the
-    # share of products held out to judge a version against the active one.
-    clip_finetune_steps: int = Field(300, ge=1)
-    clip_finetune_batch: int = Field(64, ge=2)
-    clip_finetune_lr: float = Field(1e-3, gt=0)
+    # Fine-tuning the heads: steps, batch (distinct products), learning rate (None:
+    # the CLIP profile's, core/ml/fashion_clip/profiles.py), and the share of
+    # products held out to judge a version against the active one.
+    clip_finetune_steps: int | None = Field(None, ge=1)
+    clip_finetune_batch: int | None = Field(None, ge=2)
+    clip_finetune_lr: float | None = Field(None, gt=0)
     clip_holdout_fraction: float = Field(0.2, gt=0, lt=1)
     # Last blocks of the image / text tower unfrozen by default (0: heads only, no
     # tower forward pass; more recomputes the towers on every step).

@@ -46,7 +46,9 @@ async def shop() -> AsyncIterator[str]:
         yield base_url
 
 
-async def _run(sessions: Sessions, settings: Settings, job_id: uuid.UUID) -> Job:
+async def _run(
+    sessions: Sessions, settings: Settings, job_id: uuid.UUID, handlers: Any = None
+) -> Job:
     async with session_scope(sessions) as session:
         await session.execute(
             update(Job).where(col(Job.id) == job_id).values(status=JobStatus.scheduled.value)
@@ -56,7 +58,7 @@ async def _run(sessions: Sessions, settings: Settings, job_id: uuid.UUID) -> Job
         sessions,
         blob_store_from_settings(settings),
         "test-worker",
-        {JobKind.generate: run_generation, JobKind.catalog_embed: run_catalog_embed},
+        handlers or {JobKind.generate: run_generation, JobKind.catalog_embed: run_catalog_embed},
     )
     await executor.execute(job_id)
     async with sessions() as session:

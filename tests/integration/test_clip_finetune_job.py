@@ -1,0 +1,110 @@
+"""The clip_finetune job in process: heads trained over stored features of a crawled
+fixture shop, judged on held-out products against the active version, activated
+only when better (with its index rows and ONNX encoder), rejected otherwise."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from httpx import AsyncClient
+from sqlalchemy import func
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.accounts import create_account_with_key
+from core.catalog.crawl import crawl_site
+from core.clip_finetune_job import run_clip_finetune
+from core.db.engine import session_scope
+from core.db.models import JobKind, JobStatus
+from core.db.shop_models import ClipModel, ClipModelStatus, ProductEmbedding
+from core.settings import Settings
+from core.storage import blob_store_from_settings
+from fixture_shop import ShopConfig, running_shop
+from tests.integration.test_shop_the_look import _embed, _run
+
+Sessions = async_sessionmaker[AsyncSession]
+SHOP = ShopConfig(products=150, trouble=False, image_side=96)
+
+
+@pytest.fixture
+async def embedded(
+    sessions: Sessions, settings: Settings, tiny_clip_dir: Path
+) -> AsyncIterator[dict[str, str]]:
+    async with running_shop(SHOP) as shop:
+        crawling = settings.model_copy(update={"crawl_base_urls": {"fixture": shop}})
+        await crawl_site(crawling, sessions, blob_store_from_settings(settings), "fixture")
+    await _embed(sessions, settings)
+    async with session_scope(sessions) as session:
+        admin = await create_account_with_key(session, "ops", is_admin=True)
+    yield {"Authorization": f"Bearer {admin.key}"}
+
+
+async def _finetune(
+    client: AsyncClient,
+    auth: dict[str, str],
+    sessions: Sessions,
+    settings: Settings,
+    **body: object,
+) -> dict[str, object]:
+    created = await client.post("/v1/admin/clip/finetune", headers=auth, json=body)
+    assert created.status_code == 201, created.text
+    job_id = uuid.UUID(created.json()["id"])
+    assert created.json()["kind"] == JobKind.clip_finetune
+    handlers = {JobKind.clip_finetune: run_clip_finetune}
+    done = await _run(sessions, settings, job_id, handlers)
+    assert done.status == JobStatus.succeeded, done.error
+    assert done.result is not None
+    return done.result
+
+
+async def test_a_better_version_is_activated_and_a_worse_one_rejected(
+    client: AsyncClient, embedded: dict[str, str], sessions: Sessions, settings: Settings
+) -> None:
+    trained = await _finetune(client, embedded, sessions, settings, steps=400, seed=1)
+    metrics = trained["metrics"]
+    assert isinstance(metrics, dict)
+    assert metrics["candidate"]["t2i_r10"] >= metrics["active"]["t2i_r10"] + 0.10, metrics
+    assert trained["activated"] is True
+    model_id = uuid.UUID(str(trained["clip_model_id"]))
+    async with sessions() as session:
+        version = await session.get(ClipModel, model_id)
+        assert version is not None and version.status == ClipModelStatus.active
+        assert version.onnx_prefix and version.config["onnx_files"]
+        rows = await session.exec(
+            select(func.count()).where(col(ProductEmbedding.model_id) == model_id)
+        )
+        assert rows.one() == trained["index_rows"] and trained["index_rows"] > 0
+    # Search now ranks with the new version (its encoder is fetched by the API).
+    found = await client.get("/v1/products/search", params={"q": "dress"}, headers=embedded)
+    assert found.status_code == 200 and found.json()["model_id"] == str(model_id)
+
+    # One step at a tiny rate cannot beat the trained version: rejected, kept.
+    worse = await _finetune(
+        client, embedded, sessions, settings, steps=1, learning_rate=1e-6, seed=1
+    )
+    assert worse["activated"] is False and worse["index_rows"] == 0
+    async with sessions() as session:
+        rejected = await session.get(ClipModel, uuid.UUID(str(worse["clip_model_id"])))
+        assert rejected is not None and rejected.status == ClipModelStatus.rejected
+        assert rejected.metrics is not None and rejected.blob_key
+        active = (
+            await session.exec(select(ClipModel).where(col(ClipModel.status) == "active"))
+        ).one()
+        assert active.id == model_id
+
+
+async def test_a_second_finetune_while_one_waits_is_a_conflict(
+    client: AsyncClient, embedded: dict[str, str]
+) -> None:
+    first = await client.post("/v1/admin/clip/finetune", headers=embedded, json={})
+    assert first.status_code == 201
+    second = await client.post("/v1/admin/clip/finetune", headers=embedded, json={})
+    assert second.status_code == 409
+    assert second.headers["content-type"] == "application/problem+json"
+    assert second.json()["job_id"] == first.json()["id"]
+    bad = await client.post("/v1/admin/clip/finetune", headers=embedded, json={"steps": 0})
+    assert bad.status_code == 422
