@@ -95,6 +95,56 @@ async def _fashion_clip(ctx: JobContext) -> tuple[CatalogIndex | None, Any]:
     return index, await version_encoder(ctx, runtime, version)
 
 
+async def _rerank(
+    ctx: JobContext,
+    spec: GenerationSpec,
+    clip: Any,
+    index: CatalogIndex | None,
+    pictures: list[Image.Image],
+    subject_id: Any,
+) -> tuple[list[int], dict[int, CandidateScores]]:
+    """Which candidates to keep (best first) and every candidate's scores; in
+    generation order, unscored, when there is no fashion CLIP yet."""
+    if clip is None:
+        return list(range(spec.num_images)), {}
+    photos = await _photos(ctx, subject_id)
+    scores = await ctx.compute(
+        look.rerank, clip, pictures, spec.prompt, photos, index, spec.filters, _weights(ctx)
+    )
+    return [s.index for s in scores[: spec.num_images]], {s.index: s for s in scores}
+
+
+async def _save(
+    ctx: JobContext,
+    subject_id: Any,
+    kept: list[tuple[Any, CandidateScores | None, list[look.RegionMatches]]],
+    index: CatalogIndex | None,
+) -> tuple[list[Output], list[LookItem]]:
+    """The kept images' blobs, and their output and look-item rows (not yet committed)."""
+    job = ctx.job
+    outputs: list[Output] = []
+    items: list[LookItem] = []
+    for position, (image, score, found) in enumerate(kept):
+        key = output_key(subject_id, job.id, position)
+        await ctx.put_blob(key, image.png)
+        output = Output(
+            job_id=job.id,
+            subject_id=subject_id,
+            account_id=job.account_id,
+            position=position,
+            blob_key=key,
+            seed=image.seed,
+            width=image.width,
+            height=image.height,
+            scores=score.as_dict() if score else None,
+            candidate_rank=score.rank if score else None,
+        )
+        outputs.append(output)
+        if index is not None:
+            items += look.look_item_rows(output.id, found, index.model_id)
+    return outputs, items
+
+
 async def run_generation(ctx: JobContext) -> JobResult:
     from core.ml.generate import GenerateParams, generate_images, subject_prompt
     from core.ml.lora_cache import LoraWeights
@@ -147,15 +197,7 @@ async def run_generation(ctx: JobContext) -> JobResult:
     )
     pictures = [Image.open(io.BytesIO(c.png)).convert("RGB") for c in candidates]
     ctx.progress.stage("reranking", start=_LOAD + _GROUND + _GENERATE, weight=_RERANK)
-    scores: list[CandidateScores] | None = None
-    if clip is not None:
-        photos = await _photos(ctx, subject.id)
-        scores = await ctx.compute(
-            look.rerank, clip, pictures, spec.prompt, photos, index, spec.filters, _weights(ctx)
-        )
-        kept = [s.index for s in scores[: spec.num_images]]
-    else:
-        kept = list(range(spec.num_images))
+    kept, scores = await _rerank(ctx, spec, clip, index, pictures, subject.id)
     ctx.raise_if_stopped()
     ctx.progress.stage("matching", start=1 - _MATCH - 0.02, weight=_MATCH)
     matches = (
@@ -164,29 +206,10 @@ async def run_generation(ctx: JobContext) -> JobResult:
         else [[] for _ in kept]
     )
     ctx.progress.stage("saving", start=0.98, weight=0.02)
-    by_index = {s.index: s for s in scores or []}
-    outputs: list[Output] = []
-    items: list[LookItem] = []
-    for position, (i, found) in enumerate(zip(kept, matches, strict=True)):
-        image = candidates[i]
-        key = output_key(subject.id, job.id, position)
-        await ctx.put_blob(key, image.png)
-        score = by_index.get(i)
-        output = Output(
-            job_id=job.id,
-            subject_id=subject.id,
-            account_id=job.account_id,
-            position=position,
-            blob_key=key,
-            seed=image.seed,
-            width=image.width,
-            height=image.height,
-            scores=score.as_dict() if score else None,
-            candidate_rank=score.rank if score else None,
-        )
-        outputs.append(output)
-        if index is not None:
-            items += look.look_item_rows(output.id, found, index.model_id)
+    kept_images = [
+        (candidates[i], scores.get(i), found) for i, found in zip(kept, matches, strict=True)
+    ]
+    outputs, items = await _save(ctx, subject.id, kept_images, index)
     result = _result(spec, params, profile.name, lora_row, outputs, grounded, index, len(items))
     keys = [o.blob_key for o in outputs]
     return JobResult(result=result, rows=[*outputs, *items], blob_keys=keys)
