@@ -2,8 +2,9 @@
 
     python -m core.ml.clip_eval --export DIR [--profile tiny] [--model-dir D]
         [--test-fraction 0.2] [--seed 0] [--steps N] [--no-unfrozen] [--json OUT]
-    python -m core.ml.clip_eval --fixture-shop N ...   (no crawl: the fixture shop's
-        catalog rendered directly, as the crawler would store it)
+        [--threads N]
+    python -m core.ml.clip_eval --fixture-shop N [--views 3] [--image-side S] ...
+        (no crawl: the fixture shop's catalog rendered and padded directly)
 
 The pairs are split BY PRODUCT (no product on both sides). Base features are
 computed once; the heads train over the training products' stored features, the
@@ -351,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views", type=int, default=FIXTURE_VIEWS, help="fixture images each")
     parser.add_argument("--image-side", type=int, help="fixture render side (default: model's)")
     parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         record = run(args)
     except AtelierError as exc:

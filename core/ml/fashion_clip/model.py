@@ -65,7 +65,9 @@ def resolve_model_path(profile: ClipProfile, models_dir: Path, model_path: Path 
 
 
 def weights_path(profile: ClipProfile, model_dir_or_file: Path) -> Path:
-    """The weights file a checkpoint directory (or a bare file) is read from."""
+    """The weights file a checkpoint directory (or a bare file) is read from. open_clip's
+    ``local-dir:`` picks open_clip_model.safetensors before open_clip_pytorch_model.bin;
+    a profile's ``weights_file`` names the one its download holds."""
     path = Path(model_dir_or_file)
     return path / profile.weights_file if path.is_dir() else path
 
