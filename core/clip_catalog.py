@@ -12,6 +12,7 @@ import io
 import shutil
 import tempfile
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def state_key(model_id: uuid.UUID) -> str:
     return f"clip/{model_id}/state.safetensors"
 
 
-async def _padded_images(ctx: JobContext, shas: list[str]) -> list[Image.Image]:
+async def _padded_png(ctx: JobContext, shas: list[str]) -> dict[str, bytes]:
     async with ctx.sessions() as session:
         rows = await session.exec(
             select(CatalogImage.sha256, CatalogImage.padded_blob_key).where(
@@ -47,7 +48,35 @@ async def _padded_images(ctx: JobContext, shas: list[str]) -> list[Image.Image]:
             )
         )
         keys = dict(rows.all())
-    return [Image.open(io.BytesIO(await ctx.store.get(keys[sha]))).convert("RGB") for sha in shas]
+    return {sha: await ctx.store.get(keys[sha]) for sha in dict.fromkeys(shas)}
+
+
+def _decoded(png: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+async def _padded_images(ctx: JobContext, shas: list[str]) -> list[Image.Image]:
+    files = await _padded_png(ctx, shas)
+    return [_decoded(files[sha]) for sha in shas]
+
+
+class PaddedImages(Sequence[Image.Image]):
+    """Padded catalog images in row order, kept as their PNG files and decoded on
+    access: a training run over a catalog draws each many times, and decoded
+    512 x 512 images would hold 0.75 MB each."""
+
+    def __init__(self, shas: list[str], files: dict[str, bytes]) -> None:
+        self._shas, self._files = shas, files
+
+    def __len__(self) -> int:
+        return len(self._shas)
+
+    def __getitem__(self, index: int) -> Image.Image:  # type: ignore[override]
+        return _decoded(self._files[self._shas[index]])
+
+
+async def padded_images(ctx: JobContext, shas: list[str]) -> PaddedImages:
+    return PaddedImages(shas, await _padded_png(ctx, shas))
 
 
 async def ensure_image_features(ctx: JobContext, runtime: Any) -> int:
@@ -150,8 +179,26 @@ async def write_index_rows(
     if not todo:
         return 0
     encoder = encoder or await version_encoder(ctx, runtime, version)
+    if encoder.recomputes:
+        return await _write_rows_through_towers(ctx, version, encoder, todo)
     matrix = np.stack([features[p.image_sha256] for p in todo])
     vectors = await ctx.compute(encoder.heads_over_image_features, matrix)
     async with session_scope(ctx.sessions) as session:
         await feature_store.put_embeddings(session, version.id, todo, vectors)
+    return len(todo)
+
+
+async def _write_rows_through_towers(
+    ctx: JobContext, version: ClipModel, encoder: Any, todo: list[feature_store.ProductImageRow]
+) -> int:
+    """A version with unfrozen blocks: its own towers over the padded images, in
+    batches (the stored base features are not its towers' outputs)."""
+    for start in range(0, len(todo), IMAGE_BATCH):
+        ctx.raise_if_stopped()
+        chunk = todo[start : start + IMAGE_BATCH]
+        images = await _padded_images(ctx, [p.image_sha256 for p in chunk])
+        vectors = await ctx.compute(encoder.encode_images, images)
+        async with session_scope(ctx.sessions) as session:
+            await feature_store.put_embeddings(session, version.id, chunk, vectors)
+        ctx.progress.step(min(start + IMAGE_BATCH, len(todo)), len(todo))
     return len(todo)

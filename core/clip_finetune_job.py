@@ -9,8 +9,9 @@
    padded images and captions every step: slow, and said so in the progress).
 4. Judging: the candidate and the active version on the same held-out products;
    text-to-image R@10 decides (``core.shop.versions``).
-5. A better candidate's embeddings of the whole catalog are written (its heads
-   over stored features: seconds), its ONNX encoder exported, and only then is
+5. A better candidate's embeddings of the whole catalog are written (a head-only
+   version's heads over stored features: seconds; an unfrozen-block version's
+   towers over every padded image, in batches), its ONNX encoder exported, and only then is
    it activated, in one transaction; a worse one is kept as ``rejected`` with
    its figures, its blob kept for inspection, no index rows.
 """
@@ -31,12 +32,14 @@ from core.clip_catalog import (
     ensure_text_features,
     export_encoder,
     onnx_prefix,
+    padded_images,
+    product_caption,
     state_key,
     version_encoder,
     write_index_rows,
 )
 from core.clip_jobs import ClipFinetuneSpec
-from core.db.catalog_models import CrawlRun
+from core.db.catalog_models import CrawlRun, Product
 from core.db.engine import session_scope
 from core.db.shop_models import ClipModel, ProductEmbedding
 from core.errors import Conflict
@@ -51,7 +54,9 @@ log = logging.getLogger("atelier.jobs.clip_finetune")
 MIN_HELDOUT_PRODUCTS = 20
 
 
-async def _dataset(ctx: JobContext, base_id: str) -> dict[str, Any]:
+async def _dataset(ctx: JobContext, base_id: str, with_inputs: bool) -> dict[str, Any]:
+    """Every live (product, image) pair's stored features; ``with_inputs`` adds the
+    padded images and captions, for versions whose towers run (unfrozen blocks)."""
     async with ctx.sessions() as session:
         pairs = await feature_store.live_product_images(session)
         images = await feature_store.image_features(
@@ -60,13 +65,24 @@ async def _dataset(ctx: JobContext, base_id: str) -> dict[str, Any]:
         texts = await feature_store.text_features(session, base_id)
     pairs = [p for p in pairs if p.image_sha256 in images and p.product_id in texts]
     products = sorted({p.product_id for p in pairs})
-    return {
+    data: dict[str, Any] = {
         "image_features": np.stack([images[p.image_sha256] for p in pairs]) if pairs else None,
         "image_products": [p.product_id for p in pairs],
         "image_shas": [p.image_sha256 for p in pairs],
         "text_features": np.stack([texts[pid][1] for pid in products]) if products else None,
         "text_products": products,
     }
+    if with_inputs:
+        data["images"] = await padded_images(ctx, data["image_shas"])
+        async with ctx.sessions() as session:
+            rows = await session.exec(select(Product).where(col(Product.id).in_(products)))
+            captions = {p.id: product_caption(p) for p in rows.all()}
+        data["captions"] = [captions[pid] for pid in products]
+    return data
+
+
+def _unfrozen(config: dict[str, Any]) -> bool:
+    return bool(config.get("unfreeze_image_blocks") or config.get("unfreeze_text_blocks"))
 
 
 def split_products(
@@ -96,7 +112,12 @@ async def run_clip_finetune(ctx: JobContext) -> JobResult:
     ctx.progress.stage("features", start=0.02, weight=0.08)
     await ensure_image_features(ctx, runtime)
     await ensure_text_features(ctx, runtime)
-    data = await _dataset(ctx, runtime.base_id)
+    async with ctx.sessions() as session:
+        active = await active_version(session, profile)
+    if active is None:
+        raise Conflict("no fashion-CLIP version is active yet: run catalog_embed first")
+    towers_run = _unfrozen(spec.model_dump()) or _unfrozen(active.config)
+    data = await _dataset(ctx, runtime.base_id, with_inputs=towers_run)
     assert spec.holdout_fraction is not None
     train, held_out = split_products(data["text_products"], spec.holdout_fraction, spec.seed)
     if len(held_out) < MIN_HELDOUT_PRODUCTS:
@@ -104,10 +125,6 @@ async def run_clip_finetune(ctx: JobContext) -> JobResult:
             f"the catalog has {len(data['text_products'])} embedded products: too few to hold"
             f" out {MIN_HELDOUT_PRODUCTS} for judging (crawl more first)"
         )
-    async with ctx.sessions() as session:
-        active = await active_version(session, profile)
-    if active is None:
-        raise Conflict("no fashion-CLIP version is active yet: run catalog_embed first")
     candidate = ClipModel(
         profile=profile,
         base_id=runtime.base_id,
@@ -138,7 +155,7 @@ async def _train_judge_activate(
     active: ClipModel,
 ) -> JobResult:
     train, held_out = split
-    unfrozen = bool(spec.unfreeze_image_blocks or spec.unfreeze_text_blocks)
+    unfrozen = _unfrozen(spec.model_dump())
     stage = (
         "training heads and the last tower blocks (towers recomputed)"
         if unfrozen
@@ -167,7 +184,12 @@ async def _train_judge_activate(
     files: list[str] = []
     rows = 0
     if better_so_far:
-        ctx.progress.stage("exporting and embedding the catalog", start=0.85, weight=0.15)
+        embedding = (
+            "exporting and embedding the catalog through its towers (unfrozen blocks: recomputed)"
+            if unfrozen
+            else "exporting and embedding the catalog (heads over stored features)"
+        )
+        ctx.progress.stage(embedding, start=0.85, weight=0.15)
         files = await export_encoder(ctx, trained, candidate.id)
         candidate.onnx_prefix, candidate.blob_key = (
             onnx_prefix(candidate.id),
@@ -197,5 +219,8 @@ async def _train_judge_activate(
             "activated": activated,
             "metrics": metrics,
             "index_rows": rows if activated else 0,
+            # Unfrozen blocks: trained, judged and embedded through the towers, not
+            # over stored features.
+            "recomputed": unfrozen,
         }
     )

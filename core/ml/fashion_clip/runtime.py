@@ -20,9 +20,8 @@ import open_clip
 import torch
 from PIL import Image
 
-from core.errors import InvalidInput
 from core.ml.fashion_clip import features as tower_features
-from core.ml.fashion_clip.finetune import ClipTrainConfig, train_heads
+from core.ml.fashion_clip.finetune import ClipTrainConfig, train_heads, train_unfrozen
 from core.ml.fashion_clip.model import (
     FashionClip,
     base_identity,
@@ -41,6 +40,8 @@ from core.settings import Settings
 # Versions whose heads a process keeps (each is the base plus a few small tensors;
 # one with unfrozen blocks holds copies of those blocks).
 MAX_RESIDENT_VERSIONS = 4
+# Inputs per tower forward pass when a version recomputes (judging, index rows).
+TOWER_BATCH = 64
 
 
 class VersionEncoder:
@@ -52,6 +53,12 @@ class VersionEncoder:
 
     def _device(self) -> torch.device:
         return next(self.model.base.parameters()).device
+
+    @property
+    def recomputes(self) -> bool:
+        """True when the version has unfrozen tower blocks of its own: the stored base
+        features are not its towers' outputs, so it embeds from pixels and captions."""
+        return bool(getattr(self.model, "unfrozen_prefixes", None))
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         with torch.inference_mode():
@@ -148,13 +155,9 @@ class ClipRuntime:
         on_step: Callable[[int, int, float], None],
         should_stop: Callable[[], bool],
     ) -> VersionEncoder:
-        """Heads trained over the stored features of the ``train`` products."""
-        if spec.unfreeze_image_blocks or spec.unfreeze_text_blocks:
-            raise InvalidInput(
-                "clip_finetune jobs train heads only for now; `python -m core.ml.clip_eval`"
-                " measures the unfrozen-block variant",
-                field="unfreeze_image_blocks",
-            )
+        """A version trained on the ``train`` products: heads over their stored features,
+        or, with unfrozen blocks, heads and blocks over their padded images and captions
+        (``data["images"]``, ``data["captions"]``), the towers run every step."""
         defaults = ClipTrainConfig.from_profile(self.profile)
         config = ClipTrainConfig(
             steps=spec.steps,
@@ -162,26 +165,55 @@ class ClipRuntime:
             learning_rate=spec.learning_rate,
             weight_decay=defaults.weight_decay,
             bottleneck=defaults.bottleneck,
+            unfreeze_image_blocks=spec.unfreeze_image_blocks or 0,
+            unfreeze_text_blocks=spec.unfreeze_text_blocks or 0,
+            block_learning_rate=defaults.block_learning_rate,
         )
-        images, image_products = _rows_of(data, "image", train)
-        texts, text_products = _rows_of(data, "text", train)
+        image_rows = _rows(data["image_products"], train)
+        text_rows = _rows(data["text_products"], train)
+        image_products = [data["image_products"][i] for i in image_rows]
+        text_products = [data["text_products"][i] for i in text_rows]
+        if config.unfreeze_image_blocks or config.unfreeze_text_blocks:
+            trained = train_unfrozen(
+                self.base, self.preprocess, self.tokenizer,
+                _Picked(data["images"], image_rows), image_products,
+                [data["captions"][i] for i in text_rows], text_products,
+                config, on_step, should_stop, spec.seed,
+            )  # fmt: skip
+            return VersionEncoder(self, trained.model)  # type: ignore[arg-type]
         trained = train_heads(
-            images, texts, image_products, text_products, config, on_step, should_stop,
+            data["image_features"][image_rows], data["text_features"][text_rows],
+            image_products, text_products, config, on_step, should_stop,
             spec.seed, init_logit_scale=base_logit_scale(self.base),
             device=next(self.base.parameters()).device,
         )  # fmt: skip
         return VersionEncoder(self, FashionClip(self.base, trained.model))  # type: ignore[arg-type]
 
+    def version_embeddings(
+        self, encoder: VersionEncoder, data: dict[str, Any], products: set[uuid.UUID]
+    ) -> tuple[np.ndarray, list[uuid.UUID], np.ndarray, list[uuid.UUID]]:
+        """The version's image and text embeddings of ``products`` (heads over stored
+        features, or the towers again for a version that recomputes)."""
+        image_rows = _rows(data["image_products"], products)
+        text_rows = _rows(data["text_products"], products)
+        if encoder.recomputes:
+            images = _in_batches(encoder.encode_images, _Picked(data["images"], image_rows))
+            texts = _in_batches(encoder.encode_texts, [data["captions"][i] for i in text_rows])
+        else:
+            images = encoder.heads_over_image_features(data["image_features"][image_rows])
+            texts = encoder.heads_over_text_features(data["text_features"][text_rows])
+        return (
+            images,
+            [data["image_products"][i] for i in image_rows],
+            texts,
+            [data["text_products"][i] for i in text_rows],
+        )
+
     def held_out_metrics(
         self, encoder: VersionEncoder, data: dict[str, Any], held_out: set[uuid.UUID]
     ) -> dict[str, float]:
         """Text-to-image and image-to-text R@1/5/10 and MRR over the held-out products."""
-        images, image_products = _rows_of(data, "image", held_out)
-        texts, text_products = _rows_of(data, "text", held_out)
-        report = retrieval_report(
-            encoder.heads_over_image_features(images), image_products,
-            encoder.heads_over_text_features(texts), text_products,
-        )  # fmt: skip
+        report = retrieval_report(*self.version_embeddings(encoder, data, held_out))
         flat: dict[str, float] = {}
         for direction, prefix in (("text_to_image", "t2i"), ("image_to_text", "i2t")):
             scores = report[direction]
@@ -190,9 +222,26 @@ class ClipRuntime:
         return flat
 
 
-def _rows_of(
-    data: dict[str, Any], tower: str, products: set[uuid.UUID]
-) -> tuple[np.ndarray, list[uuid.UUID]]:
-    matrix, owners = data[f"{tower}_features"], data[f"{tower}_products"]
-    keep = [i for i, pid in enumerate(owners) if pid in products]
-    return matrix[keep], [owners[i] for i in keep]
+def _rows(owners: Sequence[uuid.UUID], products: set[uuid.UUID]) -> list[int]:
+    return [i for i, pid in enumerate(owners) if pid in products]
+
+
+class _Picked(Sequence[Image.Image]):
+    """``rows`` of a sequence of images, read on access (the job's images decode lazily)."""
+
+    def __init__(self, images: Sequence[Image.Image], rows: list[int]) -> None:
+        self._images, self._rows = images, rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> Image.Image:  # type: ignore[override]
+        return self._images[self._rows[index]]
+
+
+def _in_batches(encode: Callable[[list[Any]], np.ndarray], items: Sequence[Any]) -> np.ndarray:
+    chunks = [
+        encode([items[i] for i in range(start, min(start + TOWER_BATCH, len(items)))])
+        for start in range(0, len(items), TOWER_BATCH)
+    ]
+    return np.concatenate(chunks)
