@@ -6,12 +6,14 @@ prompt in in-stock products; generate ``candidates`` images (image i from seed
 and by garment region, to in-stock products. Discarded candidates are never
 stored. Without an active fashion-CLIP version (the catalog not embedded yet)
 the look is made ungrounded, kept in generation order and linked to nothing,
-and the result says why.
+and the result says why. The result's ``timings`` hold the seconds each stage
+took (load, grounding, generation, reranking, matching, saving).
 """
 
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 from PIL import Image
@@ -36,6 +38,21 @@ from core.subjects import get_subject, latest_lora, output_key, subject_photos
 
 # Shares of the job's progress bar per stage (denoising dominates).
 _LOAD, _GROUND, _GENERATE, _RERANK, _MATCH = 0.05, 0.02, 0.80, 0.05, 0.06
+
+
+class _StageClock:
+    """Wall seconds per stage, for ``result["timings"]``: a client sees only the
+    job's start and end, and what shop the look costs is the stages between."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        """The time since the previous lap (or the start) was spent on ``stage``."""
+        now = time.perf_counter()
+        self.seconds[f"{stage}_s"] = now - self._mark
+        self._mark = now
 
 
 def _weights(ctx: JobContext) -> RerankWeights:
@@ -151,6 +168,7 @@ async def run_generation(ctx: JobContext) -> JobResult:
     from core.ml.profiles import get_profile
 
     job = ctx.job
+    clock = _StageClock()
     spec = generation_spec_of(job)
     profile = get_profile(spec.profile or ctx.settings.profile)
     ctx.progress.stage("loading model", start=0.0, weight=_LOAD)
@@ -164,12 +182,14 @@ async def run_generation(ctx: JobContext) -> JobResult:
     cache = resident_lora_cache(ctx.settings, pipe, profile)
     index, clip = await _fashion_clip(ctx)
     ctx.raise_if_stopped()
+    clock.lap("load")
 
     prompt = subject_prompt(subject.token, subject.class_noun, spec.prompt)
     grounded = GroundedPrompt(prompt, [], 0)
     ctx.progress.stage("grounding", start=_LOAD, weight=_GROUND)
     if spec.grounding and index is not None and clip is not None:
         grounded = await _ground(ctx, spec, prompt, clip, index, pipe)
+    clock.lap("grounding")
     assert spec.seed is not None and spec.candidates is not None and spec.steps is not None
     params = GenerateParams(
         prompt=grounded.prompt,
@@ -196,21 +216,26 @@ async def run_generation(ctx: JobContext) -> JobResult:
         cache=cache,
     )
     pictures = [Image.open(io.BytesIO(c.png)).convert("RGB") for c in candidates]
+    clock.lap("generation")
     ctx.progress.stage("reranking", start=_LOAD + _GROUND + _GENERATE, weight=_RERANK)
     kept, scores = await _rerank(ctx, spec, clip, index, pictures, subject.id)
     ctx.raise_if_stopped()
+    clock.lap("reranking")
     ctx.progress.stage("matching", start=1 - _MATCH - 0.02, weight=_MATCH)
     matches = (
         await _match(ctx, spec, clip, index, [pictures[i] for i in kept])
         if clip is not None and index is not None
         else [[] for _ in kept]
     )
+    clock.lap("matching")
     ctx.progress.stage("saving", start=0.98, weight=0.02)
     kept_images = [
         (candidates[i], scores.get(i), found) for i, found in zip(kept, matches, strict=True)
     ]
     outputs, items = await _save(ctx, subject.id, kept_images, index)
+    clock.lap("saving")  # the blobs; the rows commit after the handler returns
     result = _result(spec, params, profile.name, lora_row, outputs, grounded, index, len(items))
+    result["timings"] = clock.seconds
     keys = [o.blob_key for o in outputs]
     return JobResult(result=result, rows=[*outputs, *items], blob_keys=keys)
 

@@ -141,7 +141,13 @@ async def test_a_look_is_grounded_in_and_linked_to_in_stock_products(
     assert result["candidates"] == 3 and result["grounding"]["products"]
     descriptor = result["grounding"]["products"][0]["descriptor"]
     assert descriptor in result["prompt"]
-    outputs = (await client.get(f"/v1/jobs/{job.id}", headers=auth)).json()["outputs"]
+    viewed = (await client.get(f"/v1/jobs/{job.id}", headers=auth)).json()
+    stages = ("load", "grounding", "generation", "reranking", "matching", "saving")
+    timings = viewed["result"]["timings"]  # seconds per stage, as the API shows them
+    assert set(timings) == {f"{stage}_s" for stage in stages}
+    assert all(seconds >= 0 for seconds in timings.values())
+    assert timings["generation_s"] > 0 and timings["matching_s"] > 0  # they ran
+    outputs = viewed["outputs"]
     assert len(outputs) == 2
     async with sessions() as session:
         kept = [await session.get(Output, uuid.UUID(o["id"])) for o in outputs]
