@@ -75,10 +75,18 @@ class Stack:
         for name, args in commands.items():
             log = open(LOG_DIR / f"{name}.log", "ab")
             cmd = [sys.executable, "-m", *args]
+            # As the Procfile's web line: one BLAS thread serves search faster
+            # (docs/benchmarks.md, "Product search latency from an HTTP client").
+            child_env = {**env, "OPENBLAS_NUM_THREADS": "1"} if name == "web" else env
             # A session of their own: Ctrl-C reaches only this process, which then
             # stops the children in order instead of racing them.
             child = subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                cwd=ROOT,
+                env=child_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
             self.children.append(child)
             print(f"started {name:<9} {' '.join(args)}  (log: var/log/{name}.log)")
