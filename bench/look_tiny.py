@@ -33,8 +33,7 @@ from typing import Any
 import httpx
 import torch
 
-from bench.look_tiny_setup import (
-    BENCH_DIR,
+from bench.bench_stack import (
     HTTP_TIMEOUT_S,
     bench_environment,
     catalog_products,
@@ -50,8 +49,9 @@ offline_quiet_env()
 from bench.look_direct import DirectLook, LookWork  # noqa: E402 (after the environment is set)
 from core.ml.profiles import get_profile  # noqa: E402
 from core.settings import get_settings  # noqa: E402
-from demo.__main__ import PHOTOS, Stack, _new_key, _wait_healthy  # noqa: E402
+from demo.__main__ import PHOTOS, ROOT, Stack, _new_key, _wait_healthy  # noqa: E402
 
+BENCH_DIR = ROOT / "var" / "bench-look"  # blobs, the direct side's store, class images
 PROMPT = "a Harry Potter costume"
 CLASS_NOUN = "woman"
 SEED = 1
@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--shop-port", type=int, default=8711, help="for the first crawl")
     args = parser.parse_args()
 
-    bench_environment(args)
+    bench_environment(args, BENCH_DIR)
     settings = get_settings()
     asyncio.run(migrate(settings))
     key = asyncio.run(_new_key(settings))

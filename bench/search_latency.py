@@ -47,16 +47,10 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench.bench_stack import HTTP_TIMEOUT_S, bench_environment
 from bench.query_embedding import QUERIES, summary
 from bench.results_file import write_result
-from bench.search_latency_stack import (
-    HTTP_TIMEOUT_S,
-    TINY_PROFILE,
-    VIT_PROFILE,
-    ApiProcess,
-    bench_environment,
-    prepare,
-)
+from bench.search_latency_stack import BENCH_DIR, TINY_PROFILE, VIT_PROFILE, ApiProcess, prepare
 from core.settings import Settings
 from demo.__main__ import PHOTOS, _wait_healthy
 
@@ -298,7 +292,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    bench_environment(args)
+    bench_environment(args, BENCH_DIR)
     settings = Settings()
     key = prepare(settings, args)
     made = variants(args)

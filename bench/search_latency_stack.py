@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,17 +19,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import numpy as np
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from bench.bench_stack import crawl_and_embed, migrate, restore_signals
 from bench.query_embedding import build_model, export
 from core.clip_catalog import onnx_prefix
-from core.db import create as create_database
 from core.db.engine import make_engine, make_sessionmaker, session_scope
 from core.db.shop_models import ProductEmbedding
 from core.settings import Settings
@@ -38,36 +34,16 @@ from core.shop import feature_store
 from core.shop.onnx_encoder import CONFIG_FILE, EncoderConfig
 from core.shop.versions import active_version, create_base_version
 from core.storage import blob_store_from_settings
-from demo.__main__ import LOG_DIR, ROOT, Stack, _new_key, _wait_healthy, run_crawl
+from demo.__main__ import LOG_DIR, ROOT, Stack, _new_key
 
 BENCH_DIR = ROOT / "var" / "bench-search"
 TINY_PROFILE = "tiny"
 VIT_PROFILE = "vit-b-16"  # a core.ml.fashion_clip.profiles key: the API only reads the name
 VIT_BASE_ID = "bench-random-ViT-B-16"
 SEED = 0
-HTTP_TIMEOUT_S = 300
 
 
 # --- the database, the catalog and the versions ------------------------------------------
-
-
-def bench_environment(args: argparse.Namespace) -> None:
-    """Every process this starts (the preparing stack, the API) inherits these."""
-    os.environ.update(
-        {
-            "DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:5432/{args.database}",
-            "REDIS_URL": f"redis://127.0.0.1:6379/{args.redis_db}",
-            "ATELIER_BLOB_DIR": str(BENCH_DIR / "blobs"),
-            "ATELIER_PUBLIC_BASE_URL": f"http://127.0.0.1:{args.port}",
-            # A development stack may be serving its metrics on the default ports.
-            "ATELIER_WORKER_METRICS_PORT": "0",
-            "ATELIER_SCHEDULER_METRICS_PORT": "0",
-            "ATELIER_CPU_WORKER_METRICS_PORT": "0",
-            # The first crawl changes the whole catalog, which would queue a CLIP
-            # fine-tune on the CPU worker: not part of what is measured (1 = never).
-            "ATELIER_CLIP_FINETUNE_AFTER_CHANGE": "1",
-        }
-    )
 
 
 @asynccontextmanager
@@ -80,13 +56,6 @@ async def _session(settings: Settings) -> AsyncIterator[AsyncSession]:
         await engine.dispose()
 
 
-async def migrate(settings: Settings) -> None:
-    await create_database.main()
-    config = Config(str(ROOT / "alembic.ini"))
-    config.attributes["database_url"] = settings.database_url
-    await asyncio.to_thread(command.upgrade, config, "head")  # alembic runs its own loop
-
-
 async def index_rows(settings: Settings, profile: str) -> tuple[uuid.UUID | None, int]:
     """The profile's active version and how many index rows it has."""
     async with _session(settings) as session:
@@ -95,21 +64,6 @@ async def index_rows(settings: Settings, profile: str) -> tuple[uuid.UUID | None
             return None, 0
         count = select(func.count()).where(col(ProductEmbedding.model_id) == version.id)
         return version.id, int((await session.exec(count)).one())
-
-
-def crawl_and_embed(settings: Settings, args: argparse.Namespace, key: str) -> None:
-    """The demo's crawl through the admin API, waiting for the catalog's embedding."""
-    stack = Stack(args.port, args.shop_port)
-    stack.start()
-    try:
-        headers = {"Authorization": f"Bearer {key}"}
-        base = f"http://127.0.0.1:{args.port}"
-        with httpx.Client(base_url=base, headers=headers, timeout=HTTP_TIMEOUT_S) as http:
-            _wait_healthy(http, stack)
-            run_crawl(http, stack, wait=True)
-    finally:
-        stack.stop()
-        _restore_signals()
 
 
 def vit_export() -> dict[str, bytes]:
@@ -158,7 +112,7 @@ def prepare(settings: Settings, args: argparse.Namespace) -> str:
     key = asyncio.run(_new_key(settings))
     tiny_id, rows = asyncio.run(index_rows(settings, TINY_PROFILE))
     if not rows:
-        crawl_and_embed(settings, args, key)
+        crawl_and_embed(key, args.port, args.shop_port)
         tiny_id, rows = asyncio.run(index_rows(settings, TINY_PROFILE))
     if tiny_id is None or not rows:
         raise SystemExit("the catalog was not embedded; see var/log/")
@@ -169,12 +123,6 @@ def prepare(settings: Settings, args: argparse.Namespace) -> str:
 
 
 # --- one API process ---------------------------------------------------------------------
-
-
-def _restore_signals() -> None:
-    """Stack.stop ignores Ctrl-C from then on (a demo's last act); the bench goes on."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 class ApiProcess(Stack):
@@ -208,4 +156,4 @@ class ApiProcess(Stack):
 
     def stop(self) -> None:
         super().stop()
-        _restore_signals()
+        restore_signals()

@@ -1,8 +1,6 @@
-"""bench.look_tiny's setup: a database, Redis db and blob directory of its own, and
-a catalog crawled and embedded once, so both sides ground and match against it.
-
-The catalog is crawled through the demo's stack (fixture shop + CPU worker) only
-when the database has no active fashion-CLIP index yet; later runs reuse it.
+"""A benchmark's own stack: a database, Redis db and blob directory of its own, and
+a catalog crawled and embedded once through the demo's stack (fixture shop + CPU
+worker), which later runs reuse. bench.look_tiny and bench.search_latency run on it.
 """
 
 from __future__ import annotations
@@ -11,6 +9,7 @@ import argparse
 import asyncio
 import os
 import signal
+from pathlib import Path
 
 import httpx
 from alembic import command
@@ -22,25 +21,25 @@ from core.settings import Settings
 from core.shop.catalog_index import load_index
 from demo.__main__ import ROOT, Stack, _wait_healthy, run_crawl
 
-BENCH_DIR = ROOT / "var" / "bench-look"
 # A crawl and its embedding on 2 cores take about a minute; the client waits that long.
 HTTP_TIMEOUT_S = 300
 
 
-def bench_environment(args: argparse.Namespace) -> None:
-    """Every process this starts (the stacks) and this one's settings read these."""
+def bench_environment(args: argparse.Namespace, bench_dir: Path) -> None:
+    """Every process this starts (the stacks) and this one's settings read these:
+    ``args`` names the database, Redis db and API port, ``bench_dir`` holds the blobs."""
     os.environ.update(
         {
             "DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:5432/{args.database}",
             "REDIS_URL": f"redis://127.0.0.1:6379/{args.redis_db}",
-            "ATELIER_BLOB_DIR": str(BENCH_DIR / "blobs"),
+            "ATELIER_BLOB_DIR": str(bench_dir / "blobs"),
             "ATELIER_PUBLIC_BASE_URL": f"http://127.0.0.1:{args.port}",
             # A development stack may be serving its metrics on the default ports.
             "ATELIER_WORKER_METRICS_PORT": "0",
             "ATELIER_SCHEDULER_METRICS_PORT": "0",
             "ATELIER_CPU_WORKER_METRICS_PORT": "0",
             # The first crawl changes the whole catalog, which would queue a CLIP
-            # fine-tune on the CPU worker beside the looks (1 = never).
+            # fine-tune on the CPU worker: not part of what is measured (1 = never).
             "ATELIER_CLIP_FINETUNE_AFTER_CHANGE": "1",
         }
     )
