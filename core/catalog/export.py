@@ -6,8 +6,9 @@ Layout (the seed data's): one folder per product, named by its text descriptor
 "<designer> <description>" (made safe for file systems, truncated, and given a
 short id suffix when another product already has that name), holding its
 padded square images 0.png, 1.png...; ``pairs.jsonl`` with one line per image
-(path relative to DIR, text "<designer> <name>: <description>", product id,
-sha256) for CLIP fine-tuning; ``manifest.json`` with what the export covered.
+(path relative to DIR, the caption the fashion CLIP trains on, "<designer> <name>:
+<description> | <category path>" from ``product_text``, product id, sha256) for
+CLIP fine-tuning; ``manifest.json`` with what the export covered.
 
 Incremental: ``--since-run`` exports only products changed since that crawl run
 started; ``--since-last`` takes the run the previous export recorded. A product
@@ -46,6 +47,7 @@ from core.db.catalog_models import CatalogImage, CrawlRun, Product, ProductImage
 from core.db.engine import make_engine, make_sessionmaker
 from core.db.models import utcnow
 from core.errors import NotFound
+from core.ml.fashion_clip.features import product_text
 from core.settings import get_settings
 from core.storage import BlobNotFound, BlobStore, blob_store_from_settings
 
@@ -94,7 +96,8 @@ def suffixed(name: str, product_id: uuid.UUID) -> str:
 
 
 def pair_text(product: Product) -> str:
-    return f"{product.designer} {product.name}: {product.description}".strip()
+    """The caption the clip_finetune jobs train on, so an export trains the same model."""
+    return product_text(product.designer, product.name, product.description, product.category_path)
 
 
 async def export_catalog(

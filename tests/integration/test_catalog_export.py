@@ -52,6 +52,7 @@ async def _product(
     *,
     images: int = 3,
     site: str = "fixture",
+    category_path: list[str] | None = None,
 ) -> Product:
     async with session_scope(sessions) as session:
         product = Product(
@@ -61,6 +62,7 @@ async def _product(
             designer=designer,
             name=f"{designer} piece",
             description=description,
+            category_path=category_path or [],
             content_hash="h",
             changed_at=T0,
         )
@@ -102,7 +104,8 @@ async def test_export_layout_pairs_and_manifest(
     sessions: Sessions, blobs: BlobStore, tmp_path: Path
 ) -> None:
     a = await _product(sessions, blobs, "Erdem", "Floral midi dress", images=3)
-    b = await _product(sessions, blobs, "Khaite", "Wool coat", images=5)
+    coat_path = ["Women", "Clothing", "Coats"]
+    b = await _product(sessions, blobs, "Khaite", "Wool coat", images=5, category_path=coat_path)
     twin = await _product(sessions, blobs, "Erdem", "Floral midi dress", images=4)
     await _product(sessions, blobs, "Toteme", "No pictures", images=0)
     await _product(sessions, blobs, "Other", "Elsewhere", site="other")
@@ -125,7 +128,8 @@ async def test_export_layout_pairs_and_manifest(
     assert len(pairs) == 12
     coat = [p for p in pairs if p["product_id"] == str(b.id)]
     assert [p["image"] for p in coat] == [f"Khaite Wool coat/{i}.png" for i in range(5)]
-    assert coat[0]["text"] == "Khaite Khaite piece: Wool coat"
+    # The caption clip_finetune jobs train on (core.ml.fashion_clip.features.product_text).
+    assert coat[0]["text"] == "Khaite Khaite piece: Wool coat | Women > Clothing > Coats"
     assert all((tmp_path / p["image"]).is_file() for p in pairs)
     assert len({p["sha256"] for p in pairs}) == 12
 

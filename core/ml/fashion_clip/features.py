@@ -31,8 +31,9 @@ CATEGORY_SEPARATOR = " > "
 def product_text(
     designer: str, name: str, description: str, category_path: Sequence[str] = ()
 ) -> str:
-    """The caption of a product: "<designer> <name>: <description>" (as the catalog
-    export writes it) plus " | Women > Clothing > Dresses" when a category is known."""
+    """The caption of a product: "<designer> <name>: <description>" plus
+    " | Women > Clothing > Dresses" when a category is known (the catalog export
+    writes the same)."""
     text = f"{designer} {name}: {description}".strip()
     category = CATEGORY_SEPARATOR.join(part for part in category_path if part)
     return f"{text} | {category}" if category else text
