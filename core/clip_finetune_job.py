@@ -26,6 +26,7 @@ import numpy as np
 from sqlalchemy import delete
 from sqlmodel import col, select
 
+from core.catalog.queries import products_by_id
 from core.clip_catalog import (
     delete_encoder,
     ensure_image_features,
@@ -39,7 +40,7 @@ from core.clip_catalog import (
     write_index_rows,
 )
 from core.clip_jobs import ClipFinetuneSpec
-from core.db.catalog_models import CrawlRun, Product
+from core.db.catalog_models import CrawlRun
 from core.db.engine import session_scope
 from core.db.shop_models import ClipModel, ProductEmbedding
 from core.errors import Conflict
@@ -75,8 +76,8 @@ async def _dataset(ctx: JobContext, base_id: str, with_inputs: bool) -> dict[str
     if with_inputs:
         data["images"] = await padded_images(ctx, data["image_shas"])
         async with ctx.sessions() as session:
-            rows = await session.exec(select(Product).where(col(Product.id).in_(products)))
-            captions = {p.id: product_caption(p) for p in rows.all()}
+            rows = await products_by_id(session, products)
+            captions = {pid: product_caption(p) for pid, p in rows.items()}
         data["captions"] = [captions[pid] for pid in products]
     return data
 

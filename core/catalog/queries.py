@@ -106,6 +106,16 @@ async def search_products(
     return ProductPage(rows, await first_images([p.id for p in rows], session), next_cursor)
 
 
+async def products_by_id(
+    session: AsyncSession, product_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, Product]:
+    """The products with these ids (any state: gone and sold-out ones too), by id."""
+    if not product_ids:
+        return {}
+    query = select(Product).where(col(Product.id).in_(product_ids))
+    return {product.id: product for product in (await session.exec(query)).all()}
+
+
 async def first_images(
     product_ids: list[uuid.UUID], session: AsyncSession
 ) -> dict[uuid.UUID, CatalogImage]:

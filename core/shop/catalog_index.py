@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.catalog.queries import products_by_id
 from core.db.catalog_models import Product
 from core.job_specs import ProductFilters
 from core.shop import feature_store
@@ -102,8 +103,7 @@ async def _fingerprint(session: AsyncSession, model_id: uuid.UUID) -> tuple[Any,
 
 
 async def _facts(session: AsyncSession, product_ids: list[uuid.UUID]) -> ProductFacts:
-    query = select(Product).where(col(Product.id).in_(product_ids))
-    rows = {row.id: row for row in (await session.exec(query)).all()}
+    rows = await products_by_id(session, product_ids)
     ordered = [rows[pid] for pid in product_ids]
     return ProductFacts(
         in_stock=np.array([r.available and r.gone_at is None for r in ordered], dtype=bool),

@@ -20,10 +20,9 @@ from typing import Protocol
 
 import numpy as np
 from PIL import Image
-from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.db.catalog_models import Product
+from core.catalog.queries import products_by_id
 from core.db.shop_models import LookItem
 from core.job_specs import ProductFilters
 from core.shop.catalog_index import CatalogIndex, Hit, in_stock_hits
@@ -50,7 +49,7 @@ async def ground(
     """``prompt`` enriched with the descriptors of the in-stock products nearest to
     ``query`` (the user's words embedded by the text tower), as many as fit."""
     hits = await in_stock_hits(session, index.search(query, filters, products), products)
-    rows = {p.id: p for p in await _products(session, [h.product_id for h in hits])}
+    rows = await products_by_id(session, [h.product_id for h in hits])
     candidates = [
         GroundingProduct(str(h.product_id), rows[h.product_id].designer,
                          rows[h.product_id].name, h.score)
@@ -58,12 +57,6 @@ async def ground(
         if h.product_id in rows
     ]  # fmt: skip
     return enrich_prompt(prompt, candidates, count_tokens)
-
-
-async def _products(session: AsyncSession, ids: list[uuid.UUID]) -> list[Product]:
-    if not ids:
-        return []
-    return list((await session.exec(select(Product).where(col(Product.id).in_(ids)))).all())
 
 
 def rerank(

@@ -55,9 +55,7 @@ async def linked_products(
 ) -> list[LinkedProduct]:
     """The products of (id, score) pairs, in that order, with their first images."""
     ids = [pid for pid, _ in scored]
-    products = {
-        p.id: p for p in (await session.exec(select(Product).where(col(Product.id).in_(ids))))
-    }
+    products = await queries.products_by_id(session, ids)
     images = await queries.first_images(ids, session)
     return [
         LinkedProduct(products[pid], images.get(pid), score)
