@@ -141,8 +141,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, *, side: int, max_pixels: int) -> _Decoded:
-    """Check ``data`` and pad it; CPU-bound, run it off the event loop."""
+def checked_padded(
+    data: bytes, *, side: int, max_pixels: int
+) -> tuple[str, Image.Image, Image.Image]:
+    """Check ``data``: its format, the upright image and that image padded to a
+    ``side`` square (RGB). CPU-bound, run it off the event loop."""
     if not data:
         raise CatalogImageError("empty image")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -162,11 +165,16 @@ def decode_image(data: bytes, *, side: int, max_pixels: int) -> _Decoded:
         except Exception as exc:
             # Pillow signals bad data with OSError, SyntaxError, ValueError, EOFError...
             raise CatalogImageError(f"truncated or corrupt {image.format}: {exc}") from exc
-        fmt = str(image.format)
-        buf = io.BytesIO()
-        # zlib level 1: the padded copy is derived data, and level 6 (the default)
-        # costs twice the time for files ~20% smaller.
-        pad_to_square(upright, side).save(buf, format="PNG", compress_level=1)
+        return str(image.format), upright, pad_to_square(upright, side)
+
+
+def decode_image(data: bytes, *, side: int, max_pixels: int) -> _Decoded:
+    """``checked_padded``, with the padded copy as PNG bytes to store."""
+    fmt, upright, padded = checked_padded(data, side=side, max_pixels=max_pixels)
+    buf = io.BytesIO()
+    # zlib level 1: the padded copy is derived data, and level 6 (the default)
+    # costs twice the time for files ~20% smaller.
+    padded.save(buf, format="PNG", compress_level=1)
     return _Decoded(
         media_type=_MEDIA_TYPES.get(fmt) or Image.MIME.get(fmt, "application/octet-stream"),
         extension=_EXTENSIONS[fmt],

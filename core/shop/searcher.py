@@ -10,8 +10,8 @@ event loop.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.catalog.images import CatalogImageError, decode_image
+from core.catalog.images import CatalogImageError, checked_padded
 from core.errors import IndexNotReady, InvalidInput, SearchImageRejected, SearchImageTooLarge
 from core.job_specs import ProductFilters
 from core.settings import Settings
@@ -64,17 +64,11 @@ class CatalogSearcher:
     async def _materialise(self, prefix: str, files: list[str], model_id: uuid.UUID) -> Path:
         """The version's encoder files in a local directory (written once, atomically)."""
         target = self.cache_dir / str(model_id)
-        if target.is_dir():
+        if await asyncio.to_thread(target.is_dir):
             return target
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{model_id}-", dir=self.cache_dir))
-        for name in files:
-            (staging / name).write_bytes(await self.store.get(f"{prefix}/{name}"))
-        try:
-            os.rename(staging, target)
-        except OSError:  # another request of this process or another process won
-            if not target.is_dir():
-                raise
+        blobs = {name: await self.store.get(f"{prefix}/{name}") for name in files}
+        # Tens to hundreds of MB for a real model: written off the event loop.
+        await asyncio.to_thread(_write_atomically, self.cache_dir, target, blobs)
         return target
 
     async def by_text(
@@ -110,11 +104,25 @@ class CatalogSearcher:
         if len(data) > limit:
             raise SearchImageTooLarge(f"the image is {len(data)} bytes; the limit is {limit}")
         try:
-            decoded = decode_image(
+            _, _, padded = checked_padded(
                 data,
                 side=self.settings.catalog_image_side,
                 max_pixels=self.settings.max_photo_pixels,
             )
         except CatalogImageError as exc:
             raise SearchImageRejected(str(exc)) from exc
-        return Image.open(io.BytesIO(decoded.padded_png)).convert("RGB")
+        return padded.convert("RGB")
+
+
+def _write_atomically(cache_dir: Path, target: Path, blobs: dict[str, bytes]) -> None:
+    """``blobs`` as files of ``target``, which appears whole or not at all."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
+    for name, data in blobs.items():
+        (staging / name).write_bytes(data)
+    try:
+        os.rename(staging, target)
+    except OSError:  # another request of this process or another process won
+        shutil.rmtree(staging, ignore_errors=True)
+        if not target.is_dir():
+            raise
