@@ -5,7 +5,6 @@ actually learns (tiny profile, CPU, one torch thread)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,13 @@ from core.ml.fashion_clip.finetune import (
 from core.ml.fashion_clip.model import (
     ClipHeads,
     FashionClip,
-    load_base,
     load_version_state,
     tokenizer_for,
 )
 from core.ml.fashion_clip.profiles import TINY_CLIP
-from core.ml.fashion_clip.tiny import build_tiny_clip
 from tests.unit.ml_helpers import ignore, never
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # The key test's data: 1,000 fixture products (3 images each at the tiny model's 64 px),
 # 10% held out. Over 3 tower seeds x 4 splits the heads beat the random base by 13 to 33
@@ -39,26 +38,6 @@ from tests.unit.ml_helpers import ignore, never
 SHOP_PRODUCTS = 1000
 HELD_OUT = 0.1
 MIN_GAIN_R10 = 0.10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    # The tiny towers and heads are small matrices: one thread is fastest (two are up to
-    # 10x slower on busy cores, measured), so the timings do not depend on the load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_clip(tmp_path_factory.mktemp("models") / "clip-tiny")
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_dir: Path) -> tuple[Any, Any]:
-    return load_base(TINY_CLIP, tiny_dir)
 
 
 def _random_features(products: int, images_each: int, seed: int = 0) -> dict[str, Any]:
@@ -128,9 +107,9 @@ def test_should_stop_cancels_before_the_next_step() -> None:
 
 
 def test_unfrozen_training_trains_last_blocks_on_a_private_copy(
-    loaded: tuple[Any, Any],
+    tiny_clip: tuple[Any, Any],
 ) -> None:
-    base, preprocess = loaded
+    base, preprocess = tiny_clip
     pairs = clip_eval.pairs_from_fixture_shop(12, image_side=TINY_CLIP.image_size)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     config = ClipTrainConfig(steps=3, batch_size=8, learning_rate=1e-2,
@@ -172,9 +151,9 @@ def _t2i_r10(report: dict[str, object], variant: str) -> float:
 
 
 def test_fine_tuned_heads_beat_the_base_on_held_out_products(
-    loaded: tuple[Any, Any], shop_pairs: clip_eval.ClipPairs
+    tiny_clip: tuple[Any, Any], shop_pairs: clip_eval.ClipPairs
 ) -> None:
-    base, preprocess = loaded
+    base, preprocess = tiny_clip
     config = ClipTrainConfig.from_profile(TINY_CLIP)
     report = clip_eval.evaluate(
         base, preprocess, tokenizer_for(TINY_CLIP), shop_pairs, config,
@@ -193,10 +172,10 @@ def test_fine_tuned_heads_beat_the_base_on_held_out_products(
 
 
 def test_eval_command_prints_the_table_the_anchor_and_writes_json(
-    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_clip_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "eval.json"
-    argv = ["--fixture-shop", "30", "--model-dir", str(tiny_dir), "--steps", "4",
+    argv = ["--fixture-shop", "30", "--model-dir", str(tiny_clip_dir), "--steps", "4",
             "--test-fraction", "0.3", "--json", str(out)]  # fmt: skip
     assert clip_eval.main(argv) == 0
     printed = capsys.readouterr().out

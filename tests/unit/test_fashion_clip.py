@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,27 +41,9 @@ from core.ml.fashion_clip.retrieval_metrics import (
 from core.ml.fashion_clip.tiny import build_tiny_clip
 from tests.unit.ml_helpers import random_photos
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TEXTS = ["Prada Silk midi dress: A relaxed fit. | Women > Clothing > Dresses", "Gucci loafers"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    # The tiny towers are small matrices: one thread is fastest (and 10x faster than two
-    # on busy cores, measured), so these tests do not depend on the machine's load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_clip(tmp_path_factory.mktemp("models") / "clip-tiny")
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_dir: Path) -> tuple[Any, Any]:
-    return load_base(TINY_CLIP, tiny_dir)
 
 
 def test_profiles_are_data_and_importing_them_loads_no_torch() -> None:
@@ -90,22 +71,22 @@ def test_product_text_is_the_export_caption_plus_the_category_path() -> None:
 
 
 def test_tiny_checkpoint_builds_once_and_loads_through_the_real_loader(
-    tiny_dir: Path, loaded: tuple[Any, Any], tmp_path: Path
+    tiny_clip_dir: Path, tiny_clip: tuple[Any, Any], tmp_path: Path
 ) -> None:
-    config = json.loads((tiny_dir / OPEN_CLIP_CONFIG).read_text())
+    config = json.loads((tiny_clip_dir / OPEN_CLIP_CONFIG).read_text())
     assert config["model_cfg"]["embed_dim"] == TINY_CLIP.embed_dim
     assert config["preprocess_cfg"]["size"] == TINY_CLIP.image_size
-    base, preprocess = loaded
+    base, preprocess = tiny_clip
     assert isinstance(base, open_clip.CLIP) and not base.training
     assert not any(p.requires_grad for p in base.parameters())
     pixels = preprocess(random_photos(1)[0])
     assert pixels.shape == (3, TINY_CLIP.image_size, TINY_CLIP.image_size)
-    identity = base_identity(TINY_CLIP, tiny_dir)
+    identity = base_identity(TINY_CLIP, tiny_clip_dir)
     assert identity.startswith("tiny:") and len(identity) == len("tiny:") + 16
     # Idempotent, and the weights are a pure function of the seed.
-    mtime = (tiny_dir / OPEN_CLIP_WEIGHTS).stat().st_mtime_ns
-    assert build_tiny_clip(tiny_dir) == tiny_dir
-    assert (tiny_dir / OPEN_CLIP_WEIGHTS).stat().st_mtime_ns == mtime
+    mtime = (tiny_clip_dir / OPEN_CLIP_WEIGHTS).stat().st_mtime_ns
+    assert build_tiny_clip(tiny_clip_dir) == tiny_clip_dir
+    assert (tiny_clip_dir / OPEN_CLIP_WEIGHTS).stat().st_mtime_ns == mtime
     assert base_identity(TINY_CLIP, build_tiny_clip(tmp_path / "again")) == identity
     assert base_identity(TINY_CLIP, build_tiny_clip(tmp_path / "other", seed=1)) != identity
 
@@ -126,8 +107,8 @@ def test_a_missing_checkpoint_names_the_path_and_the_fetch_command(tmp_path: Pat
     assert caught.value.extra["command"].endswith(f"--local-dir {half}")
 
 
-def test_fresh_heads_embed_exactly_as_the_base(loaded: tuple[Any, Any]) -> None:
-    base, preprocess = loaded
+def test_fresh_heads_embed_exactly_as_the_base(tiny_clip: tuple[Any, Any]) -> None:
+    base, preprocess = tiny_clip
     model = FashionClip(base)
     assert model.heads.bottleneck == TINY_CLIP.embed_dim // 4
     assert model.heads.logit_scale.item() == pytest.approx(base.logit_scale.item())
@@ -157,13 +138,13 @@ def _perturbed(model: FashionClip, seed: int) -> None:
 
 
 def test_version_state_round_trips_exactly_and_leaves_the_base_alone(
-    loaded: tuple[Any, Any], tiny_dir: Path
+    tiny_clip: tuple[Any, Any], tiny_clip_dir: Path
 ) -> None:
-    base, preprocess = loaded
+    base, preprocess = tiny_clip
     before = {k: v.clone() for k, v in base.state_dict().items()}
     version = FashionClip(base, unfreeze_image_blocks=1, unfreeze_text_blocks=1)
     _perturbed(version, seed=3)
-    identity = base_identity(TINY_CLIP, tiny_dir)
+    identity = base_identity(TINY_CLIP, tiny_clip_dir)
     state = save_version_state(version, identity)
     assert json.loads(json.dumps(state.config))["unfreeze_image_blocks"] == 1
     names = set(version.trainable_state())
@@ -188,9 +169,9 @@ def test_version_state_round_trips_exactly_and_leaves_the_base_alone(
 
 
 def test_a_head_only_state_holds_heads_and_temperature_only(
-    loaded: tuple[Any, Any],
+    tiny_clip: tuple[Any, Any],
 ) -> None:
-    base, _ = loaded
+    base, _ = tiny_clip
     version = FashionClip(base)
     _perturbed(version, seed=4)
     state = save_version_state(version)
@@ -238,9 +219,9 @@ def test_constant_embeddings_score_last_not_first() -> None:
 
 
 def test_image_features_of_an_export_read_its_files_lazily(
-    loaded: tuple[Any, Any], tmp_path: Path
+    tiny_clip: tuple[Any, Any], tmp_path: Path
 ) -> None:
-    base, preprocess = loaded
+    base, preprocess = tiny_clip
     photos = random_photos(5, seed=2)
     lines = []
     for index, photo in enumerate(photos):

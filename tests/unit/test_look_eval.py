@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from core.ml import look_eval
@@ -26,6 +25,8 @@ from core.ml.profiles import get_profile
 from core.settings import Settings
 from core.shop.grounding import TEXT_ENCODER_TOKENS
 from core.shop.rerank import RerankWeights
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PRODUCTS = 12  # the fewest a by-product split of the fixture shop takes comfortably
 HEADS_STEPS = 3  # grounding needs a version, not a good one
@@ -61,16 +62,6 @@ class RecordingJudge:
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         return self.encoder.encode_images(images)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: these models are tiny, and on a busy 2-core host two
-    threads waiting on each other made one evaluation 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
