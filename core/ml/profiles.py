@@ -94,6 +94,24 @@ class Profile:
     use_8bit_adam: bool = False  # bitsandbytes AdamW8bit when importable, else torch AdamW
     # Random crop and zoom: up to this fraction of the side (0 = centre crop only).
     crop_jitter: float = 0.0
+    # Mirrored views of the photos. Off for people: a mirror moves a parting, a scar,
+    # a logo on a shirt to the other side, and the model learns both.
+    horizontal_flip: bool = False
+    # --- optimizer (not read by training yet: issue 11, see docs/recipes.md) -----------
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None = no clipping
+    gradient_accumulation_steps: int = 1  # examples (batches) per optimizer step
+    weight_decay: float = 1e-2  # AdamW's, on the UNet's LoRA
+    # The text encoders' LoRA when they train; None = the UNet's values.
+    text_encoder_learning_rate: float | None = None
+    text_encoder_weight_decay: float | None = None
+    # --- sampling (not read yet: issue 11) --------------------------------------------
+    # The scheduler's timestep spacing at inference ("leading", "trailing",
+    # "linspace"); None keeps the checkpoint's scheduler config.
+    timestep_spacing: str | None = None
+    # --- photos ----------------------------------------------------------------------
+    # The smallest training crop (the square around the face, in the photo's own
+    # pixels) this profile trains on without upscaling it too far.
+    min_crop_side: int = 64
 
 
 TINY = Profile(
@@ -154,6 +172,15 @@ SD15 = Profile(
     # Our stand-in for the script's RandomCrop (it resizes the short side to 512 and
     # crops at random); face crops should not lose the face, so kept small.
     crop_jitter=0.1,
+    horizontal_flip=False,  # train_dreambooth_lora.py never flips
+    max_grad_norm=1.0,  # the script's --max_grad_norm default
+    gradient_accumulation_steps=1,  # the script's default and the README LoRA recipe
+    weight_decay=1e-2,  # the script's --adam_weight_decay default
+    # None: the script puts the text encoder's LoRA in the UNet's group, same rate.
+    text_encoder_learning_rate=None,
+    text_encoder_weight_decay=None,
+    # A crop of at least 3/4 of the training side: upscaled at most 1.33x.
+    min_crop_side=384,
 )
 # SD v1.4 shares v1.5's architecture and recipe; only the weights differ.
 SD14 = replace(SD15, name="sd14", hub_id="CompVis/stable-diffusion-v1-4")
@@ -186,6 +213,14 @@ SDXL = Profile(
     # 8-bit moments would save ~70 MB beside a 5 GB fp16 UNet. True is one field away.
     use_8bit_adam=False,
     crop_jitter=0.1,  # as sd15
+    horizontal_flip=False,  # the script flips only with --random_flip; off for people
+    max_grad_norm=1.0,  # the script's --max_grad_norm default
+    gradient_accumulation_steps=4,  # README_sdxl --gradient_accumulation_steps=4
+    weight_decay=1e-4,  # the script's --adam_weight_decay default
+    text_encoder_learning_rate=5e-6,  # the script's --text_encoder_lr default
+    text_encoder_weight_decay=1e-3,  # the script's --adam_weight_decay_text_encoder
+    # A crop of at least 3/4 of the training side: upscaled at most 1.33x.
+    min_crop_side=768,
 )
 # Built locally by `python -m core.ml.tiny_sdxl`: SDXL's architecture (two text
 # encoders, size and crop conditioning) shrunk to tiny's size and speed.

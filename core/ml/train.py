@@ -87,6 +87,12 @@ class TrainParams:
     mixed_precision: MixedPrecision = "no"  # autocast dtype on CUDA
     use_8bit_adam: bool = False
     crop_jitter: float = 0.0
+    horizontal_flip: bool = False
+    max_grad_norm: float | None = None  # None = no clipping
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 1e-2
+    text_encoder_learning_rate: float | None = None  # None = learning_rate
+    text_encoder_weight_decay: float | None = None  # None = weight_decay
 
     @classmethod
     def from_profile(cls, profile: Profile, steps: int | None = None, seed: int = 0) -> TrainParams:
@@ -107,6 +113,12 @@ class TrainParams:
             mixed_precision=profile.mixed_precision,
             use_8bit_adam=profile.use_8bit_adam,
             crop_jitter=profile.crop_jitter,
+            horizontal_flip=profile.horizontal_flip,
+            max_grad_norm=profile.max_grad_norm,
+            gradient_accumulation_steps=profile.gradient_accumulation_steps,
+            weight_decay=profile.weight_decay,
+            text_encoder_learning_rate=profile.text_encoder_learning_rate,
+            text_encoder_weight_decay=profile.text_encoder_weight_decay,
         )
 
 
@@ -201,7 +213,9 @@ def _prepare(
         module.requires_grad_(False)
     if params.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    views = encode_subjects(pipe, subjects, params.resolution, params.crop_jitter)
+    views = encode_subjects(
+        pipe, subjects, params.resolution, params.crop_jitter, params.horizontal_flip
+    )
     ids = family.tokenize(pipe, prompts(subjects))
     embeddings = None
     if not params.train_text_encoder:

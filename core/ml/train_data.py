@@ -1,13 +1,14 @@
 """What DreamBooth training sees: latent views of the images.
 
 Every image is VAE-encoded once, before the first step, in every view the
-augmentation can pick: as it is and mirrored, and (with crop jitter) also
-enlarged by ``1 + jitter``. A step then picks one view, takes a random window
-of the training size out of its latent grid and samples from the posterior.
-Picking a mirrored view is a random horizontal flip; a window of the enlarged
-view is a random zoom and crop. Cropping the latent grid stands in for cropping
-pixels: the VAE encoder is convolutional, so away from the borders the latents
-of a crop are the crop of the latents, and no step pays for a VAE pass.
+augmentation can pick: as it is, mirrored when the profile flips (off for
+people), and (with crop jitter) also enlarged by ``1 + jitter``. A step then picks
+one view, takes a random window of the training size out of its latent grid and
+samples from the posterior. Picking a mirrored view is a random horizontal flip; a
+window of the enlarged view is a random zoom and crop. Cropping the latent grid
+stands in for cropping pixels: the VAE encoder is convolutional, so away from the
+borders the latents of a crop are the crop of the latents, and no step pays for a
+VAE pass.
 
 Each example also carries SDXL's micro-conditioning (``core.ml.families.time_ids``),
 as diffusers' SDXL script records it: the size of the image it came from, the
@@ -91,7 +92,11 @@ def _encoding_precision(vae: AutoencoderKL) -> Iterator[None]:
 
 @torch.no_grad()
 def encode_views(
-    pipe: Pipeline, images: list[Image.Image], resolution: int, crop_jitter: float
+    pipe: Pipeline,
+    images: list[Image.Image],
+    resolution: int,
+    crop_jitter: float,
+    flip: bool = False,
 ) -> LatentViews:
     vae = pipe.vae
     factor = vae_downscale(pipe)
@@ -103,9 +108,10 @@ def encode_views(
         for image in images:
             for latent_side in view_sides(side, crop_jitter):
                 pixels = photo_tensor(image, latent_side * factor)
-                # Two images per VAE call, not all at once: at 512 px a batch of 2N
-                # images would cost gigabytes of activations.
-                pair = torch.stack([pixels, pixels.flip(-1)]).to(vae.device, vae.dtype)
+                # One image (and its mirror) per VAE call, not all at once: at 512 px
+                # a batch of 2N images would cost gigabytes of activations.
+                sides = [pixels, pixels.flip(-1)] if flip else [pixels]
+                pair = torch.stack(sides).to(vae.device, vae.dtype)
                 posterior = vae.encode(pair).latent_dist
                 means.extend(posterior.mean.float().split(1))
                 stds.extend(posterior.std.float().split(1))

@@ -105,11 +105,18 @@ def prompts(subjects: list[InstanceSet]) -> list[str]:
 
 
 def encode_subjects(
-    pipe: Pipeline, subjects: list[InstanceSet], resolution: int, crop_jitter: float
+    pipe: Pipeline,
+    subjects: list[InstanceSet],
+    resolution: int,
+    crop_jitter: float,
+    flip: bool = False,
 ) -> SubjectViews:
-    instances = [encode_views(pipe, s.photos, resolution, crop_jitter) for s in subjects]
+    def encode(images: list[Image.Image]) -> LatentViews:
+        return encode_views(pipe, images, resolution, crop_jitter, flip)
+
+    instances = [encode(s.photos) for s in subjects]
     priors = distinct_priors(subjects)
-    classes = [encode_views(pipe, p.images, resolution, crop_jitter) for p in priors]
+    classes = [encode(p.images) for p in priors]
     index = {prior.prompt: i for i, prior in enumerate(priors)}
     class_of = [None if s.prior is None else index[s.prior.prompt] for s in subjects]
     return SubjectViews(instances, classes, class_of)
