@@ -130,6 +130,13 @@ def _without_nested(boxes: list[FaceBox]) -> list[FaceBox]:
     return kept
 
 
+def rescale(face: FaceBox, from_size: tuple[int, int], to_size: tuple[int, int]) -> FaceBox:
+    """``face``, found in an image of ``from_size``, in the pixels of the same
+    picture at ``to_size`` (the photo as uploaded, before it was downscaled)."""
+    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    return _to_full_size((face.x, face.y, face.w, face.h), sx, sy, to_size)
+
+
 def _to_full_size(box: tuple[int, ...], sx: float, sy: float, size: tuple[int, int]) -> FaceBox:
     x, y, w, h = box
     left, top = min(round(x * sx), size[0] - 1), min(round(y * sy), size[1] - 1)

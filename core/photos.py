@@ -18,6 +18,17 @@ Only a photo that passed every one of those checks is looked at for faces (see
 square crop around that face becomes the picture training uses. Refusals about
 faces carry a ``reason`` in ``extra`` ("no-face", "several-faces",
 "face-too-small") so a client can tell the user what to change.
+
+Photos are checked against the model profile that will train on them (the
+deployment's, ``ATELIER_PROFILE``): a crop smaller than the profile's
+``min_crop_side`` would be upscaled past what training can use (SDXL trains at
+1024 px; a 300 px crop is a 3.4x blur of the face). A photo whose shorter side is
+under that is refused on its header ("photo-too-small"), one whose face is too
+small in pixels for a crop that big after the face is found ("crop-too-small"),
+both with the numbers. The crop is cut from the photo as uploaded, not from the
+downscaled copy that is stored, so a large photo keeps its detail for training:
+a 4000x3000 photo whose face is 15% of its height gives a 1350 px crop, where the
+1024 px stored copy would give 460 px.
 """
 
 from __future__ import annotations
@@ -33,7 +44,8 @@ from typing import Final
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 from core.errors import InvalidInput, PhotoRejected, PhotoTooLarge, PhotoUnsupported
-from core.faces import FaceBox, detect_faces, training_crop
+from core.faces import FaceBox, crop_box, detect_faces, rescale
+from core.ml.profiles import Profile, get_profile
 from core.settings import Settings
 
 ALLOWED_FORMATS: Final = frozenset({"JPEG", "PNG", "WEBP"})
@@ -74,9 +86,20 @@ class PhotoLimits:
     stored_side: int
     min_face_fraction: float
     face_crop_scale: float
+    # The profile the photos are for, what it trains at, the smallest crop it
+    # takes (in the photo's own pixels), and the most a stored crop keeps.
+    profile: str
+    resolution: int
+    min_crop_side: int
+    stored_crop_side: int
 
     @classmethod
-    def from_settings(cls, s: Settings) -> PhotoLimits:
+    def from_settings(cls, s: Settings, profile: Profile | None = None) -> PhotoLimits:
+        """The deployment's limits for photos that ``profile`` (default: the
+        deployment's, ``s.profile``) will train on."""
+        trains = profile or get_profile(s.profile)
+        # Training encodes each crop enlarged by its crop jitter too; keep that many pixels.
+        largest_view = math.ceil(trains.resolution * (1 + trains.crop_jitter))
         return cls(
             min_count=s.min_photos,
             max_count=s.max_photos,
@@ -86,7 +109,16 @@ class PhotoLimits:
             stored_side=s.stored_photo_side,
             min_face_fraction=s.min_face_fraction,
             face_crop_scale=s.face_crop_scale,
+            profile=trains.name,
+            resolution=trains.resolution,
+            min_crop_side=trains.min_crop_side,
+            stored_crop_side=max(s.stored_crop_side, largest_view),
         )
+
+    @property
+    def min_photo_side(self) -> int:
+        """The shorter side a photo needs: a smaller one cannot give a big enough crop."""
+        return max(self.min_side, self.min_crop_side)
 
 
 @dataclass(frozen=True)
@@ -99,6 +131,9 @@ class CleanPhoto:
     sha256: str  # hex digest of ``data``
     source_format: str  # one of ALLOWED_FORMATS
     image: Image.Image = field(repr=False, compare=False)  # the pixels of ``data``
+    # The same picture before it was downscaled for storage (``image`` itself when
+    # it was not): training crops are cut from it.
+    original: Image.Image = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -112,6 +147,7 @@ class NormalizedPhoto:
     source_format: str  # one of ALLOWED_FORMATS
     face: FaceBox  # the one face, in the pixels of ``data``
     train_data: bytes  # PNG, RGB, no metadata: the square crop training uses
+    crop_side: int  # that crop's side in the photo's own pixels, before bounding it
 
 
 def check_photo_count(n: int, limits: PhotoLimits) -> None:
@@ -130,7 +166,7 @@ def normalize_photo(data: bytes, name: str, limits: PhotoLimits) -> NormalizedPh
     """
     clean = clean_photo(data, name, limits)
     face = _the_face(clean.image, name, limits)
-    crop = training_crop(clean.image, face, limits.face_crop_scale)
+    crop, crop_side = _training_crop(clean, face, name, limits)
     return NormalizedPhoto(
         data=clean.data,
         width=clean.width,
@@ -139,6 +175,7 @@ def normalize_photo(data: bytes, name: str, limits: PhotoLimits) -> NormalizedPh
         source_format=clean.source_format,
         face=face,
         train_data=_encode_png(crop),
+        crop_side=crop_side,
     )
 
 
@@ -161,6 +198,7 @@ def clean_photo(data: bytes, name: str, limits: PhotoLimits) -> CleanPhoto:
         sha256=hashlib.sha256(png).hexdigest(),
         source_format=source_format,
         image=out,
+        original=rgb,
     )
 
 
@@ -200,6 +238,37 @@ def _the_face(img: Image.Image, name: str, limits: PhotoLimits) -> FaceBox:
             min_face_side=min_face,
         )
     return large[0]
+
+
+def _training_crop(
+    clean: CleanPhoto, face: FaceBox, name: str, limits: PhotoLimits
+) -> tuple[Image.Image, int]:
+    """The square around the face (``core.faces.crop_box``), cut from the photo as
+    uploaded and bounded by ``stored_crop_side``, and its side before bounding;
+    PhotoRejected ("crop-too-small") when that side is under the profile's minimum."""
+    original = clean.original
+    box = crop_box(
+        original.size, rescale(face, clean.image.size, original.size), limits.face_crop_scale
+    )
+    side = box[2] - box[0]
+    if side < limits.min_crop_side:
+        face_side = round(face.side * original.width / clean.width)
+        min_face = math.ceil(limits.min_crop_side / limits.face_crop_scale)
+        raise PhotoRejected(
+            f"the face crop in {name} is {side} px (its face {face_side} px wide); the "
+            f"{limits.profile} profile trains at {limits.resolution} px and needs at least "
+            f"{limits.min_crop_side} px (a face of {min_face} px): upload a larger or "
+            "closer photo",
+            photo=name,
+            reason="crop-too-small",
+            crop_side=side,
+            min_crop_side=limits.min_crop_side,
+            face_side=face_side,
+            min_face_side=min_face,
+            profile=limits.profile,
+            resolution=limits.resolution,
+        )
+    return _downscale(original.crop(box), limits.stored_crop_side), side
 
 
 # --- checks before decoding ----------------------------------------------------
@@ -286,12 +355,28 @@ def _check_header(img: Image.Image, name: str, limits: PhotoLimits) -> None:
             f"{name}: {width}x{height} is over the limit of {limits.max_pixels} pixels",
             photo=name,
         )
-    if min(width, height) < limits.min_side:
-        raise PhotoRejected(
-            f"{name}: {width}x{height} is too small; the shorter side must be at "
-            f"least {limits.min_side} pixels",
-            photo=name,
-        )
+    if min(width, height) < limits.min_photo_side:
+        raise _too_small(name, width, height, limits)
+
+
+def _too_small(name: str, width: int, height: int, limits: PhotoLimits) -> PhotoRejected:
+    """The refusal of a photo too small to give a crop the profile trains on."""
+    needed = limits.min_photo_side
+    for_profile = (
+        f" for the {limits.profile} profile, which trains at {limits.resolution} px"
+        if needed > limits.min_side
+        else ""
+    )
+    return PhotoRejected(
+        f"{name}: {width}x{height} is too small{for_profile}: the shorter side must be at "
+        f"least {needed} pixels; upload a larger photo",
+        photo=name,
+        reason="photo-too-small",
+        width=width,
+        height=height,
+        min_photo_side=needed,
+        profile=limits.profile,
+    )
 
 
 # --- decoding and normalizing ----------------------------------------------------

@@ -65,9 +65,16 @@ class Settings(BaseSettings):
     max_photo_bytes: int = 15 * MiB
     # A decompression bomb is refused on its header, before any pixel is decoded.
     max_photo_pixels: int = 40_000_000
+    # The shorter side a photo must have; the profile's ``min_crop_side`` raises it
+    # (sd15 384, sdxl 768): a photo smaller than the crop it must give is refused.
     min_photo_side: int = 64
-    # Stored photos are normalized so their longer side is at most this.
+    # Stored photos are normalized so their longer side is at most this. Their
+    # training crops are cut from the photo as uploaded, not from this copy.
     stored_photo_side: int = 1024
+    # Training crops are stored with their side at most this, or the largest view
+    # the profile encodes if that is more. 1152 px holds sdxl's largest (1024 px
+    # enlarged by its crop jitter 0.1: 1128 px), so crops serve every profile.
+    stored_crop_side: int = Field(1152, ge=1)
     # Each photo must show exactly one face whose box's side is at least this
     # fraction of the photo's shorter side.
     min_face_fraction: float = Field(0.1, gt=0, le=1)

@@ -19,28 +19,23 @@ import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.models import Job, Lora, Subject, SubjectPhoto
-from core.errors import InvalidInput, NotFound
+from core.errors import InvalidInput, NotFound, PhotoRejected
 from core.photos import NormalizedPhoto, PhotoLimits, check_photo_count, normalize_photo
+from core.rare_tokens import RARE_TOKENS
 from core.storage import BlobStore
 
-# Three-consonant words that the CLIP BPE vocabulary holds as one token of low
-# frequency (merge rank above 30,000): DreamBooth binds the subject to a rare
-# token so the model's prior for common words is left alone. Picked once from
-# open_clip's bpe_simple_vocab_16e6.txt.gz.
-RARE_TOKENS = (
-    "pgh", "vfx", "tfc", "mrt", "lms", "smb", "ntr", "pfw", "lds", "nds", "sbc", "pnw",
-    "rnb", "trx", "rtc", "gmb", "tbc", "gbr", "bsc", "lps", "fcs", "wts", "gsm", "smp",
-    "lcs", "rwc", "rds", "gdc", "cfs", "fmr", "dfs", "cfb", "mnl", "lrt", "pbr", "chf",
-    "lhs", "twp", "wps", "rgv", "vfl", "ftc", "srl", "mpd", "ktm", "bms", "rsd", "smd",
-)  # fmt: skip
+if TYPE_CHECKING:
+    from PIL import Image
 
-CLASS_NOUN = re.compile(r"[a-z][a-z ]{0,30}[a-z]")
+    from core.ml.profiles import Profile
+
 MAX_NAME_CHARS = 100
 
 
@@ -75,6 +70,9 @@ def checkpoint_prefix(subject_id: uuid.UUID, job_id: uuid.UUID) -> str:
 class Upload:
     filename: str
     data: bytes
+
+
+CLASS_NOUN = re.compile(r"[a-z][a-z ]{0,30}[a-z]")
 
 
 def check_class_noun(class_noun: str) -> str:
@@ -145,6 +143,39 @@ async def _free_token(session: AsyncSession, account_id: uuid.UUID) -> str:
     query = select(Subject.token).where(col(Subject.account_id) == account_id)
     used = set((await session.exec(query)).all())
     return secrets.choice([t for t in RARE_TOKENS if t not in used] or RARE_TOKENS)
+
+
+def check_training_photos(
+    run: Sequence[tuple[Subject, Sequence[Image.Image]]], profile: Profile
+) -> None:
+    """Refuse a training run (PhotoRejected, reason "crop-too-small") when a
+    subject's stored training pictures are smaller than ``profile`` trains on.
+
+    Uploads are checked against the deployment's profile, so this catches subjects
+    made while it was a smaller one (sd15 then sdxl), and photos stored before
+    crops were checked. Training centre-crops each picture to a square, so its
+    shorter side is what gets resized to the profile's resolution.
+    """
+    for subject, photos in run:
+        small = [
+            (i, min(p.size)) for i, p in enumerate(photos) if min(p.size) < profile.min_crop_side
+        ]
+        if not small:
+            continue
+        named = f"{subject.id}" + (f" ({subject.name})" if subject.name else "")
+        listed = ", ".join(f"photo {i + 1} is {side} px" for i, side in small)
+        raise PhotoRejected(
+            f"{len(small)} of the {len(photos)} training photos of subject {named} are too "
+            f"small for the {profile.name} profile, which trains at {profile.resolution} px and "
+            f"needs at least {profile.min_crop_side} px: {listed}; create the subject again "
+            "with larger or closer photos",
+            subject_id=str(subject.id),
+            reason="crop-too-small",
+            crop_sides=[side for _, side in small],
+            min_crop_side=profile.min_crop_side,
+            profile=profile.name,
+            resolution=profile.resolution,
+        )
 
 
 async def get_subject(

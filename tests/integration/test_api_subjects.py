@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from httpx import AsyncClient
+from httpx import ASGITransport, AsyncClient
 from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from api.app import create_app
 from core.db.models import Subject, SubjectPhoto
 from core.settings import Settings
 from tests.conftest import photo_files
@@ -204,3 +205,44 @@ async def test_exif_is_stripped_before_storing(
         with Image.open(path) as stored:
             assert stored.format == "PNG"
             assert not stored.getexif()
+
+
+async def test_photos_too_small_for_the_profile_are_refused_with_the_numbers(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    auth: dict[str, str],
+    sample_photos: list[tuple[str, bytes]],
+) -> None:
+    """The demo photos (512 px, faces ~100-170 px) train on tiny; a deployment of
+    sdxl (1024 px, crops of at least 768 px) refuses them, naming the numbers."""
+    sdxl = create_app(settings.model_copy(update={"profile": "sdxl"}))
+    portrait = dict(sample_photos)["01_portrait.jpg"]
+    with Image.open(io.BytesIO(portrait)) as img:
+        upscaled = io.BytesIO()
+        img.resize((1000, 1000), Image.Resampling.LANCZOS).save(upscaled, "PNG")
+    files_before = _files_under(settings.blob_dir)
+    async with sdxl.router.lifespan_context(sdxl):
+        transport = ASGITransport(app=sdxl, raise_app_exceptions=False)
+        async with AsyncClient(transport=transport, base_url="http://testserver") as http:
+            small = await http.post("/v1/subjects", headers=auth, files=photo_files(sample_photos))
+            far = photo_files(sample_photos[:3])
+            far[0] = ("photos", ("far.png", upscaled.getvalue(), "image/png"))
+            # The 512 px photos come after it: far.png's crop is judged first.
+            far_face = await http.post("/v1/subjects", headers=auth, files=far)
+
+    assert small.status_code == 422, small.text
+    assert small.headers["content-type"] == "application/problem+json"
+    problem = small.json()
+    assert problem["type"] == "/problems/photo-rejected"
+    assert (problem["reason"], problem["photo"]) == ("photo-too-small", sample_photos[0][0])
+    assert (problem["min_photo_side"], problem["profile"]) == (768, "sdxl")
+    assert "too small for the sdxl profile, which trains at 1024 px" in problem["detail"]
+
+    assert far_face.status_code == 422, far_face.text
+    problem = far_face.json()
+    assert (problem["reason"], problem["photo"]) == ("crop-too-small", "far.png")
+    assert problem["crop_side"] < problem["min_crop_side"] == 768
+    assert f"the face crop in far.png is {problem['crop_side']} px" in problem["detail"]
+    assert "the sdxl profile trains at 1024 px and needs at least 768 px" in problem["detail"]
+    assert await _count(sessions, Subject) == 0
+    assert _files_under(settings.blob_dir) == files_before

@@ -7,15 +7,19 @@ import hashlib
 import io
 import random
 import struct
+import uuid
 import warnings
 import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import ExifTags, Image, ImageCms, ImageFile, PngImagePlugin
+from PIL import ExifTags, Image, ImageCms, ImageFile, ImageOps, PngImagePlugin
 
+from core.db.models import Subject
 from core.errors import InvalidInput, PhotoRejected, PhotoTooLarge, PhotoUnsupported
+from core.faces import detect_faces
+from core.ml.profiles import get_profile
 from core.photos import (
     ALLOWED_FORMATS,
     CleanPhoto,
@@ -26,10 +30,13 @@ from core.photos import (
     normalize_photo,
 )
 from core.settings import Settings
+from core.subjects import check_training_photos
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "demo" / "sample_subject"
 LIMITS = PhotoLimits.from_settings(Settings())
 SMALL_SIDE = 256  # stored_side for tests that check downscaling cheaply
+# What a refusal found by looking at the face says; checks before it say none of these.
+FACE_REASONS = frozenset({"no-face", "several-faces", "face-too-small", "crop-too-small"})
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
 
@@ -282,7 +289,7 @@ def test_file_checks_come_before_looking_for_a_face(
 
     monkeypatch.setattr("core.photos.detect_faces", must_not_run)
     err = rejected(exc_type, data, "upload.png")
-    assert "reason" not in err.extra
+    assert err.extra.get("reason") not in FACE_REASONS
 
 
 @pytest.mark.parametrize(
@@ -405,3 +412,97 @@ def test_limits_come_from_settings() -> None:
     assert (limits.min_count, limits.max_count, limits.stored_side) == (2, 5, 512)
     assert limits.max_pixels == s.max_photo_pixels
     assert (limits.min_face_fraction, limits.face_crop_scale) == (0.2, 2.0)
+
+
+# --- photos against the profile that trains on them ----------------------------------
+
+
+def limits_for(profile: str) -> PhotoLimits:
+    return PhotoLimits.from_settings(Settings(profile=profile))
+
+
+def demo_scaled(name: str, side: int) -> bytes:
+    """A demo portrait (512 px, face about 100-170 px) resized to ``side``, as PNG."""
+    with Image.open(DEMO_DIR / name) as img:
+        upright = ImageOps.exif_transpose(img).convert("RGB")
+    return encode(upright.resize((side, side), Image.Resampling.LANCZOS), "PNG")
+
+
+def test_limits_follow_the_profile() -> None:
+    sdxl = limits_for("sdxl")
+    assert (sdxl.profile, sdxl.resolution, sdxl.min_crop_side) == ("sdxl", 1024, 768)
+    assert sdxl.min_photo_side == 768  # over the deployment's floor of 64
+    # Training's largest view of a crop (sdxl's 1024 px enlarged by its 0.1 jitter) fits.
+    assert sdxl.stored_crop_side >= 1024 * 1.1
+    assert limits_for("tiny").min_photo_side == Settings().min_photo_side
+    named = PhotoLimits.from_settings(Settings(profile="tiny"), get_profile("sd15"))
+    assert (named.profile, named.min_crop_side) == ("sd15", 384)
+
+
+def test_photo_too_small_for_the_profile_is_refused_on_its_header() -> None:
+    data = (DEMO_DIR / "01_portrait.jpg").read_bytes()  # 512x512
+    assert normalize_photo(data, "me.jpg", limits_for("tiny")).crop_side > 64
+
+    with pytest.raises(PhotoRejected) as info:
+        clean_photo(data, "me.jpg", limits_for("sdxl"))  # before any face is looked for
+    err = info.value
+
+    assert err.extra["reason"] == "photo-too-small"
+    assert (err.extra["min_photo_side"], err.extra["profile"]) == (768, "sdxl")
+    assert "512x512 is too small for the sdxl profile, which trains at 1024 px" in err.detail
+    assert "at least 768 pixels" in err.detail
+
+
+@pytest.mark.parametrize(("profile", "accepted"), [("tiny", True), ("sd15", True), ("sdxl", False)])
+def test_face_crop_too_small_for_the_profile_is_refused_with_the_numbers(
+    profile: str, accepted: bool
+) -> None:
+    # 1000 px, over sdxl's 768 px floor; its face (~190 px) gives a ~580 px crop.
+    data = demo_scaled("01_portrait.jpg", 1000)
+    limits = limits_for(profile)
+    if accepted:
+        photo = normalize_photo(data, "far.png", limits)
+        assert limits.min_crop_side <= photo.crop_side < 768
+        return
+    with pytest.raises(PhotoRejected) as info:
+        normalize_photo(data, "far.png", limits)
+    err = info.value
+
+    assert err.extra["reason"] == "crop-too-small"
+    side = err.extra["crop_side"]
+    assert 3 * 150 <= side < 768 and err.extra["min_crop_side"] == 768
+    assert err.extra["min_face_side"] == 256  # 768 / face_crop_scale 3
+    assert f"the face crop in far.png is {side} px" in err.detail
+    assert "the sdxl profile trains at 1024 px and needs at least 768 px" in err.detail
+    assert "upload a larger or closer photo" in err.detail
+
+
+def test_training_crop_is_cut_from_the_photo_as_uploaded() -> None:
+    # A 2048 px close-up: the stored copy is 1024 px, but the crop around its
+    # ~680 px face is cut from the 2048 px pixels and only bounded to stored_crop_side.
+    limits = limits_for("sdxl")
+    photo = normalize_photo(demo_scaled("02_closeup.jpg", 2048), "big.png", limits)
+
+    assert (photo.width, photo.height) == (limits.stored_side, limits.stored_side)
+    assert photo.crop_side >= 2 * min(3 * photo.face.side, photo.width)
+    with Image.open(io.BytesIO(photo.train_data)) as crop:
+        assert crop.size == (limits.stored_crop_side, limits.stored_crop_side)
+        # The face is there, at the scale of the 2048 px pixels (a third of the crop).
+        (face,) = detect_faces(crop.convert("RGB"), min_side=crop.width // 10)
+        assert face.side > crop.width // 4
+
+
+def test_a_small_stored_crop_is_refused_at_training_time() -> None:
+    subject = Subject(account_id=uuid.uuid4(), name="Eileen", class_noun="woman", token="pgh")
+    photos = [Image.new("RGB", (side, side)) for side in (900, 297, 1024)]
+    check_training_photos([(subject, photos)], get_profile("tiny"))
+
+    with pytest.raises(PhotoRejected) as info:
+        check_training_photos([(subject, photos)], get_profile("sdxl"))
+    err = info.value
+
+    assert err.extra["reason"] == "crop-too-small"
+    assert (err.extra["crop_sides"], err.extra["profile"]) == ([297], "sdxl")
+    assert f"subject {subject.id} (Eileen)" in err.detail
+    assert "the sdxl profile, which trains at 1024 px and needs at least 768 px" in err.detail
+    assert "photo 2 is 297 px" in err.detail
