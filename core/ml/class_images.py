@@ -24,10 +24,33 @@ if TYPE_CHECKING:
 CLASS_IMAGE_SEED = 20_220_825
 
 
+# English picks "a" or "an" by the sound that follows, not the letter: these first
+# words start with a vowel letter sounded "you", "yoo" or "w" (a university
+# student, a European, a one legged man) or with a silent h (an hour, an heir).
+_VOWEL_LETTER_CONSONANT_SOUND = (
+    "eu", "ewe", "uni", "use", "usu", "uti", "uto", "ura", "uri", "uro", "uk", "ubi",
+)  # fmt: skip
+# ...except "un" + "i" as the negating prefix: an uninvited guest, an unidentified man.
+_NEGATING_UNI = ("unid", "unim", "unin")
+_ONE_SOUNDED_WUN = ("one", "once")
+_SILENT_H = ("hour", "honest", "honor", "honour", "heir")
+
+
+def indefinite_article(phrase: str) -> str:
+    """ "a" or "an" for the noun phrase that follows it, by its first word's sound."""
+    word = phrase.split(maxsplit=1)[0] if phrase.strip() else ""
+    if word in _ONE_SOUNDED_WUN or word.startswith("one-"):
+        return "a"
+    if word.startswith(_VOWEL_LETTER_CONSONANT_SOUND) and not word.startswith(_NEGATING_UNI):
+        return "a"
+    if word.startswith(_SILENT_H):
+        return "an"
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def class_prompt(class_noun: str) -> str:
     """The class prompt: the instance caption without the rare token."""
-    article = "an" if class_noun[:1] in "aeiou" else "a"
-    return f"a photo of {article} {class_noun}"
+    return f"a photo of {indefinite_article(class_noun)} {class_noun}"
 
 
 def class_image_params(profile: Profile, class_noun: str, index: int) -> GenerateParams:

@@ -4,8 +4,12 @@ which parameters of a pipeline's adapter slot those tensors fill."""
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +21,20 @@ if TYPE_CHECKING:
 StateDict = dict[str, torch.Tensor]
 _LORA_WEIGHT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 TEXT_MODEL_PREFIX = "text_model."
+_HEADER_LENGTH_BYTES = 8
+# diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY: its writers put the
+# LoraConfig of each component there as JSON (diffusers >= 0.34).
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+# kohya-ss sd-scripts' training metadata (train_network.py).
+KOHYA_NETWORK_ALPHA = "ss_network_alpha"
+KOHYA_NETWORK_ARGS = "ss_network_args"
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_DOWN_UP_SUFFIXES = (
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+    (".lora_down.weight", ".lora_up.weight"),
+)
 
 
 @dataclass(frozen=True)
@@ -57,12 +75,114 @@ def state_dict_nbytes(state: StateDict) -> int:
 
 
 def parse_lora(data: bytes) -> StateDict:
+    """The LoRA's tensors, with any alpha its safetensors header carries applied.
+
+    ``load_lora_weights`` is handed this state dict, not the file, and a state dict
+    has no header: diffusers then takes alpha == rank (scale 1). So the alphas the
+    header holds become what diffusers reads from tensors: folded into lora_B for
+    diffusers' own ``lora_adapter_metadata``, ``.alpha`` tensors for kohya's.
+    """
     from safetensors.torch import load
 
     try:
-        return load(data)
+        state = load(data)
     except Exception as error:  # safetensors raises its own untyped errors
         raise InvalidInput(f"the LoRA is not a readable safetensors file: {error}") from error
+    metadata = _header_metadata(data)
+    return _with_kohya_alphas(_with_diffusers_alphas(state, metadata), metadata)
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The file's ``__metadata__``: a safetensors file starts with the byte length of
+    its JSON header (u64, little-endian), then the header."""
+    size = int.from_bytes(data[:_HEADER_LENGTH_BYTES], "little")
+    header = json.loads(data[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + size])
+    metadata = header.get("__metadata__") or {}
+    return {str(key): str(value) for key, value in metadata.items()}
+
+
+def _lora_pairs(state: StateDict) -> Iterator[tuple[str, str, str]]:
+    """(module, down key, up key) of each LoRA layer, in any of the key spellings
+    (peft's lora_A/lora_B; diffusers' lora.down/lora.up, and lora_linear_layer for
+    text encoders; kohya's lora_down/lora_up)."""
+    for key in state:
+        for down, up in _DOWN_UP_SUFFIXES:
+            if key.endswith(down):
+                module = key.removesuffix(down)
+                if module + up in state:
+                    yield module, key, module + up
+
+
+def _component_configs(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """diffusers' adapter metadata (a LoraConfig per component, its fields written
+    "<component>.<field>"; a model's own ``save_lora_adapter`` writes them bare) by
+    component, "" for the bare ones."""
+    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in (json.loads(raw) if raw else {}).items():
+        component, _, field = key.rpartition(".")
+        configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def _matching(patterns: dict[str, float], module: str) -> float | None:
+    """peft's pattern lookup (``get_pattern_key``): a key that names the module or a
+    suffix of it after a dot."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return None
+
+
+def _with_diffusers_alphas(state: StateDict, metadata: dict[str, str]) -> StateDict:
+    configs = _component_configs(metadata)
+    if not configs:
+        return state
+    scaled = dict(state)
+    for module, down_key, up_key in _lora_pairs(state):
+        component, _, name = module.partition(".")
+        if component not in configs:  # a bare model's file: no component prefix
+            component, name = "", module
+        config = configs.get(component)
+        if not config or "lora_alpha" not in config:
+            continue
+        alpha = _matching(config.get("alpha_pattern") or {}, name)
+        alpha = config["lora_alpha"] if alpha is None else alpha
+        rank = state[down_key].shape[0]
+        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        # peft scales lora_B's output, its bias included.
+        for key in (up_key, up_key.removesuffix(".weight") + ".bias"):
+            if key in scaled:
+                scaled[key] = state[key] * scale
+    return scaled
+
+
+def _with_kohya_alphas(state: StateDict, metadata: dict[str, str]) -> StateDict:
+    """kohya's trainer writes each layer's alpha as a tensor and once more in the
+    header; a file some tool stripped of the tensors keeps only the header."""
+    network_alpha = _number(metadata.get(KOHYA_NETWORK_ALPHA))
+    if network_alpha is None:
+        return state
+    arguments = json.loads(metadata.get(KOHYA_NETWORK_ARGS) or "{}")
+    # kohya's networks/lora.py: 3x3 convolutions use conv_alpha (1.0 when conv_dim is
+    # given without it), linear layers and 1x1 convolutions network_alpha.
+    conv_alpha = _number(arguments.get("conv_alpha")) or 1.0
+    filled = dict(state)
+    for module, down_key, _ in _lora_pairs(state):
+        if module.startswith(_KOHYA_PREFIXES) and module + ".alpha" not in state:
+            down = state[down_key]
+            alpha = conv_alpha if down.ndim == 4 and down.shape[2:] != (1, 1) else network_alpha
+            filled[module + ".alpha"] = torch.tensor(alpha)
+    return filled
+
+
+def _number(value: object) -> float | None:
+    """A header number as text ("8", "8.0"); None when absent or not a number
+    (kohya writes "Dynamic" for some network types)."""
+    try:
+        return float(str(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _as_loaded(component: str, state: StateDict, model: torch.nn.Module) -> StateDict:
