@@ -28,7 +28,7 @@ from core.ml import train as ml_train
 from core.ml.class_images import class_prompt, generate_class_images
 from core.ml.generate import instance_prompt
 from core.ml.pipeline import load_pipeline
-from core.ml.profiles import get_profile
+from core.ml.profiles import PROFILES, get_profile
 from core.ml.train import (
     Canceled,
     PriorPreservation,
@@ -413,12 +413,18 @@ def test_crop_jitter_views(pipe: StableDiffusionPipeline) -> None:
     side = TINY.resolution // 2
     assert view_sides(side, 0.0) == (side,)
     assert view_sides(side, 0.1) == (side, 35)
-    views = encode_views(pipe, random_photos(2, seed=1), TINY.resolution, 0.1)
+    photos = random_photos(2, seed=1)
+    views = encode_views(pipe, photos, TINY.resolution, 0.1, flip=True)
     # Per photo: plain and mirrored, at the training size and enlarged.
     assert [tuple(m.shape[-2:]) for m in views.means] == [(32, 32)] * 2 + [(35, 35)] * 2 + [
         (32, 32)
     ] * 2 + [(35, 35)] * 2
     assert not torch.equal(views.means[1], views.means[0])
+    # A person is never mirrored unless the profile says so (a parting, a scar, a logo).
+    assert not any(p.horizontal_flip for p in PROFILES.values())
+    plain = encode_views(pipe, photos, TINY.resolution, 0.1)
+    assert [tuple(m.shape[-2:]) for m in plain.means] == [(32, 32), (35, 35)] * 2
+    assert torch.allclose(plain.means[0], views.means[0], atol=1e-5)
     generator = torch.Generator().manual_seed(0)
     samples = [sample_latents(views, generator) for _ in range(8)]
     assert all(sample.shape == (1, 4, side, side) for sample in samples)
