@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -29,6 +29,14 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("REDIS_URL", "ATELIER_REDIS_URL"),
     )
     blob_dir: Path = Path("var/blobs")
+    # The blob store is the files under blob_dir unless blob_url names an S3 bucket
+    # and prefix (s3://atelier/blobs). Unset S3 fields fall back to the AWS
+    # environment (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID...).
+    blob_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
     public_base_url: str = "http://127.0.0.1:8000"
 
     # --- models -----------------------------------------------------------------

@@ -2,19 +2,29 @@
 
 Keys are "/"-separated relative paths (``subjects/<uuid>/photos/0.png``). They
 are validated before they touch a filesystem, so a key can never name anything
-outside the store. ``LocalBlobStore`` keeps blobs as files under one root; an
-object-store backend only has to implement ``BlobStore``. A "prefix" means whole
-path segments (``subjects/a`` covers ``subjects/a/x`` but not ``subjects/ab``),
-which an object store can honour by listing ``prefix + "/"``.
+outside the store. ``LocalBlobStore`` keeps blobs as files under one root;
+``core.storage_s3.S3BlobStore`` keeps them in an S3 bucket, chosen by the
+``blob_url`` setting. A "prefix" means whole path segments (``subjects/a``
+covers ``subjects/a/x`` but not ``subjects/ab``), which an object store honours
+by listing ``prefix + "/"``.
+
+Blobs are served through the API (``BlobStore.stream``), never by handing out a
+file path or a presigned URL: the API's key and ownership checks stay the only
+way to read them, and the object store need not be reachable by clients.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import os
 import tempfile
+from collections.abc import AsyncIterator
 from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from io import BufferedReader
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -27,6 +37,9 @@ _FORBIDDEN_CHARS: Final = ("\\", "\x00")
 # recreating it a couple of times settles that without looping forever.
 _PUT_ATTEMPTS: Final = 3
 _TEMP_SUFFIX: Final = ".tmp"
+# Bytes per chunk a stream yields: Starlette's FileResponse.chunk_size, which
+# served blobs before they were streamed through the store.
+STREAM_CHUNK_BYTES: Final = 64 * 1024
 
 
 class BlobNotFound(NotFound):
@@ -37,6 +50,18 @@ class BlobNotFound(NotFound):
         self.key = key
 
 
+@dataclass(frozen=True)
+class BlobStream:
+    """An opened blob. Size, time and ETag are known before the first byte, so a
+    response can carry them as headers, and a missing blob is a 404 rather than a
+    response broken halfway."""
+
+    size: int
+    modified: datetime
+    etag: str | None  # quoted, as in an HTTP ETag header
+    chunks: AsyncIterator[bytes]
+
+
 class BlobStore(Protocol):
     async def put(self, key: str, data: bytes) -> None: ...
 
@@ -44,8 +69,8 @@ class BlobStore(Protocol):
         """Raises BlobNotFound."""
         ...
 
-    def open_path(self, key: str) -> Path:
-        """A local file holding the blob, for streaming. Raises BlobNotFound."""
+    async def stream(self, key: str) -> BlobStream:
+        """Open the blob for reading in chunks. Raises BlobNotFound."""
         ...
 
     async def delete(self, key: str) -> None:
@@ -96,7 +121,25 @@ class LocalBlobStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise BlobNotFound(key) from exc
 
+    async def stream(self, key: str) -> BlobStream:
+        path = self._path(key)
+        try:
+            # Opened now, not when the first chunk is read: a blob deleted while
+            # it is being sent still reads to its end.
+            file = await asyncio.to_thread(path.open, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise BlobNotFound(key) from exc
+        stat = os.fstat(file.fileno())
+        return BlobStream(
+            size=stat.st_size,
+            modified=datetime.fromtimestamp(stat.st_mtime, UTC),
+            etag=_stat_etag(stat),
+            chunks=_file_chunks(file),
+        )
+
     def open_path(self, key: str) -> Path:
+        """The file holding the blob, for local tools; not part of ``BlobStore``.
+        Raises BlobNotFound."""
         path = self._path(key)
         if not path.is_file():
             raise BlobNotFound(key)
@@ -203,5 +246,28 @@ def _remove_dir_entry(path: str) -> None:
         _rmdir_if_empty(path)
 
 
+def _stat_etag(stat: os.stat_result) -> str:
+    # Starlette's FileResponse ETag (md5 of "mtime-size"), so the local backend's
+    # validators did not change when blobs moved from FileResponse to stream().
+    base = f"{stat.st_mtime}-{stat.st_size}"
+    return f'"{hashlib.md5(base.encode(), usedforsecurity=False).hexdigest()}"'
+
+
+async def _file_chunks(file: BufferedReader) -> AsyncIterator[bytes]:
+    try:
+        while chunk := await asyncio.to_thread(file.read, STREAM_CHUNK_BYTES):
+            yield chunk
+    finally:
+        file.close()
+
+
 def blob_store_from_settings(s: Settings) -> BlobStore:
-    return LocalBlobStore(s.blob_dir)
+    """The S3 store when ``blob_url`` names one (``s3://bucket/prefix``), else
+    local files under ``blob_dir``. Call it once per process: an S3 store holds
+    its connection pool."""
+    if s.blob_url is None:
+        return LocalBlobStore(s.blob_dir)
+    # Imported here: core.storage_s3 builds on this module's types.
+    from core.storage_s3 import S3BlobStore
+
+    return S3BlobStore.from_settings(s)

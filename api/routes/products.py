@@ -10,10 +10,11 @@ from decimal import Decimal
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from api.catalog_schemas import ImageVariant, ProductOut, ProductPageOut, ProductSummaryOut
 from api.deps import AccountDep, SessionDep, SettingsDep, StoreDep
+from api.routes.outputs import blob_response
 from core.catalog import queries
 
 router = APIRouter(tags=["catalog"])
@@ -63,7 +64,7 @@ async def get_product(
 
 @router.get(
     "/v1/catalog-images/{sha256}",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
     responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
 )
 async def get_catalog_image(
@@ -72,17 +73,17 @@ async def get_catalog_image(
     session: SessionDep,
     store: StoreDep,
     variant: ImageVariant = ImageVariant.padded,
-) -> FileResponse:
+) -> StreamingResponse:
     image = await queries.get_catalog_image(session, sha256)
     if variant is ImageVariant.padded:
         key, media_type = image.padded_blob_key, "image/png"
     else:
         key, media_type = image.blob_key, image.media_type
-    return FileResponse(
-        store.open_path(key),
+    return await blob_response(
+        store,
+        key,
         media_type=media_type,
         filename=key.rsplit("/", 1)[-1],
-        content_disposition_type="inline",
         # Content-addressed: the bytes under this URL never change.
         headers={"Cache-Control": "private, max-age=31536000, immutable"},
     )

@@ -18,7 +18,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.catalog_models import Product
 from core.db.engine import session_scope
-from core.db.models import Account, Job, JobKind, Output, Subject, utcnow
+from core.db.models import Account, utcnow
 from core.db.shop_models import ClipModel, ClipModelStatus, LookItem
 from core.job_specs import ProductFilters
 from core.shop import feature_store
@@ -26,6 +26,7 @@ from core.shop.catalog_index import IndexHolder, in_stock_hits, load_index
 from core.shop.feature_store import ProductImageRow
 from core.shop.look_items import look_item_views
 from core.shop.versions import activate_if_better, active_version, create_base_version
+from tests.integration.generated_rows import add_generated_output
 
 Sessions = async_sessionmaker[AsyncSession]
 DIM = 8
@@ -142,16 +143,7 @@ async def test_look_items_survive_a_product_going_and_offer_alternatives(
         account = Account(name="shopper")
         session.add(account)
         await session.flush()
-        subject = Subject(account_id=account.id, class_noun="woman", token="sks")
-        session.add(subject)
-        await session.flush()
-        job = Job(account_id=account.id, subject_id=subject.id, kind=JobKind.generate)
-        session.add(job)
-        await session.flush()
-        output = Output(job_id=job.id, subject_id=subject.id, account_id=account.id,
-                        position=0, blob_key="k", width=64, height=64)  # fmt: skip
-        session.add(output)
-        await session.flush()
+        output = await add_generated_output(session, account.id, "k", 64, 64)
         session.add(LookItem(output_id=output.id, product_id=products[2].id, region="feet",
                              rank=0, score=0.9, model_id=version.id))  # fmt: skip
     async with session_scope(sessions) as session:

@@ -1,4 +1,4 @@
-"""core.storage: the local blob store and its key rules."""
+"""core.storage: the local blob store, its key rules, and choosing a backend."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import pytest
 
 from core.settings import Settings
 from core.storage import (
+    STREAM_CHUNK_BYTES,
     BlobNotFound,
     BlobStore,
     LocalBlobStore,
     blob_store_from_settings,
     check_key,
 )
+from core.storage_s3 import S3BlobStore
 
 PHOTO = "subjects/abc/photos/0.png"
 
@@ -166,3 +168,30 @@ def test_store_from_settings_uses_blob_dir(tmp_path: Path) -> None:
     store: BlobStore = blob_store_from_settings(Settings(blob_dir=tmp_path / "b"))
     assert isinstance(store, LocalBlobStore)
     assert store.root == (tmp_path / "b").resolve()
+
+
+@pytest.mark.asyncio
+async def test_stream_reads_in_chunks_and_survives_a_delete(store: LocalBlobStore) -> None:
+    data = os.urandom(2 * STREAM_CHUNK_BYTES + 1)
+    await store.put(PHOTO, data)
+    blob = await store.stream(PHOTO)
+    await store.delete(PHOTO)  # after opening: what was opened is still read whole
+
+    chunks = [chunk async for chunk in blob.chunks]
+    assert [len(c) for c in chunks] == [STREAM_CHUNK_BYTES, STREAM_CHUNK_BYTES, 1]
+    assert b"".join(chunks) == data and blob.size == len(data)
+    with pytest.raises(BlobNotFound):
+        await store.stream(PHOTO)
+    await store.put(PHOTO, b"x")
+    with pytest.raises(BlobNotFound):  # a "directory" is not a blob
+        await store.stream("subjects/abc/photos")
+
+
+def test_store_from_settings_uses_s3_when_blob_url_is_set() -> None:
+    store = blob_store_from_settings(
+        Settings(blob_url="s3://atelier/blobs", s3_endpoint_url="http://127.0.0.1:1")
+    )
+    assert isinstance(store, S3BlobStore)  # no request is made until a blob is used
+    assert store.url(PHOTO) == f"s3://atelier/blobs/{PHOTO}"
+    with pytest.raises(ValueError, match="ATELIER_BLOB_URL"):
+        blob_store_from_settings(Settings(blob_url="/var/blobs"))
