@@ -202,6 +202,7 @@ async def run_generation(ctx: JobContext) -> JobResult:
         width=spec.width or profile.resolution,
         height=spec.height or profile.resolution,
         scheduler=spec.scheduler or "dpmpp_2m",
+        timestep_spacing=spec.timestep_spacing,
     )
     ctx.progress.stage("generating", start=_LOAD + _GROUND, weight=_GENERATE)
     candidates = await ctx.compute(

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.db.models import Job
 from core.errors import InvalidInput
-from core.ml.profiles import get_profile
+from core.ml.profiles import TimestepSpacing, get_profile
 from core.settings import Settings
 
 # Seeds are recorded per image as seed + i; keep them in a range every generator takes.
@@ -82,6 +82,11 @@ class GenerationSpec(BaseModel):
     scheduler: SchedulerName | None = Field(
         None, description=f"sampler (default: {DEFAULT_SCHEDULER}, DPM-Solver++ 2M)"
     )
+    timestep_spacing: TimestepSpacing | None = Field(
+        None,
+        description="how the sampler spaces its timesteps (default: the profile's, else"
+        " the checkpoint's scheduler config); 'trailing' reaches the noisiest step",
+    )
     candidates: int | None = Field(
         None,
         ge=1,
@@ -139,6 +144,7 @@ class GenerationSpec(BaseModel):
                 "width": self.width or profile.resolution,
                 "height": self.height or profile.resolution,
                 "scheduler": self.scheduler or DEFAULT_SCHEDULER,
+                "timestep_spacing": self.timestep_spacing or profile.timestep_spacing,
                 "candidates": candidates,
                 "grounding": settings.grounding if self.grounding is None else self.grounding,
                 "products_per_image": self.products_per_image or settings.products_per_image,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.settings import MiB, Settings
@@ -28,16 +29,30 @@ def offline_quiet_env() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def _checkpoint_path(settings: Settings, profile: Profile) -> Path:
+    from core.ml.pipeline import resolve_checkpoint
+
+    model_path = settings.model_path if profile.name == settings.profile else None
+    return resolve_checkpoint(profile, settings.models_dir, model_path)
+
+
 def resident_pipeline(settings: Settings, profile: Profile) -> Any:
     """Load (first call) or return this process's pipeline for the profile."""
     global _resident
-    from core.ml.pipeline import ResidentPipelines, resolve_checkpoint
+    from core.ml.pipeline import ResidentPipelines
 
     if _resident is None:
         _resident = ResidentPipelines()
-    model_path = settings.model_path if profile.name == settings.profile else None
-    path = resolve_checkpoint(profile, settings.models_dir, model_path)
+    path = _checkpoint_path(settings, profile)
     return _resident.get(path, settings.device, settings.dtype, profile.family)
+
+
+def resident_checkpoint_identity(settings: Settings, profile: Profile) -> str:
+    """The contents digest of the checkpoint the profile's pipeline loads from
+    (``core.ml.checkpoint_identity``; computed once per process and checkpoint)."""
+    from core.ml.checkpoint_identity import cached_checkpoint_identity
+
+    return cached_checkpoint_identity(_checkpoint_path(settings, profile))
 
 
 def resident_lora_cache(settings: Settings, pipe: Any, profile: Profile) -> Any:

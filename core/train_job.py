@@ -7,10 +7,14 @@ its prefix, ``trained_with`` naming the whole run (see ``core.subjects``).
 
 Besides the LoRA, training keeps two kinds of blobs:
 
-- **class images** for prior preservation, ``class_images/<profile>/<noun>/<i>.png``:
-  drawn by the base model from "a photo of a <noun>" the first time a profile
-  trains that noun, then shared by every later job. They hold nothing of any
-  user, so they live outside ``subjects/`` and survive subject erasure.
+- **class images** for prior preservation,
+  ``class_images/<profile>/<noun>/<recipe>/<i>.png``: drawn by the base model from
+  "a photo of a <noun>" the first time a profile trains that noun, then shared by
+  every later job. ``<recipe>`` digests the checkpoint's contents and every
+  sampler setting (``core.ml.class_images.class_image_recipe``), so another
+  checkpoint or sampler makes a new set instead of reusing the old one. They hold
+  nothing of any user, so they live outside ``subjects/`` and survive subject
+  erasure.
 - **checkpoints**, ``subjects/<subject>/checkpoints/<job>/latest`` (the job's own
   subject, the first of a run of several): a resumable
   training state (``core.ml.train_state``) written every ``checkpoint_every``
@@ -37,7 +41,7 @@ from core import ml_runtime
 from core.db.models import Job, Lora, Subject
 from core.errors import Canceled
 from core.execution import JobContext, JobResult
-from core.ml_runtime import resident_pipeline
+from core.ml_runtime import resident_checkpoint_identity, resident_pipeline
 from core.storage import BlobNotFound, BlobStore
 from core.subjects import checkpoint_prefix, get_subject, lora_key, subject_photos
 
@@ -55,8 +59,17 @@ _LOAD, _CLASS, _TRAIN = 0.05, 0.10, 0.80
 CHECKPOINT_WRITE_TIMEOUT_S = 60.0
 
 
-def class_image_key(profile: str, class_noun: str, index: int) -> str:
-    return f"class_images/{profile}/{class_noun.replace(' ', '-')}/{index}.png"
+@dataclass(frozen=True)
+class ClassImageSet:
+    """Where one noun's class images of one recipe live in the blob store."""
+
+    profile: str
+    class_noun: str
+    recipe: str  # core.ml.class_images.class_image_recipe
+
+    def key(self, index: int) -> str:
+        noun = self.class_noun.replace(" ", "-")
+        return f"class_images/{self.profile}/{noun}/{self.recipe}/{index}.png"
 
 
 def checkpoint_key(subject_id: uuid.UUID, job_id: uuid.UUID) -> str:
@@ -90,26 +103,25 @@ def plan_training(profile: Profile, settings: Settings, steps: int, seed: int) -
 
 async def cached_class_images(
     store: BlobStore,
-    profile: str,
-    class_noun: str,
+    images: ClassImageSet,
     count: int,
     make: Callable[[int], Awaitable[bytes]],
     on_made: Callable[[int, int], None] = lambda _done, _total: None,
 ) -> list[bytes]:
-    """Class images 0..count-1 of ``class_noun`` from the blob store, making (and
+    """Class images 0..count-1 of the set from the blob store, making (and
     storing) only the missing ones. ``make(i)`` returns image i's PNG; it is
     deterministic, so two workers filling the same gap store the same bytes."""
     found: dict[int, bytes] = {}
     for index in range(count):
         try:
-            found[index] = await store.get(class_image_key(profile, class_noun, index))
+            found[index] = await store.get(images.key(index))
         except BlobNotFound:
             pass
     missing = [index for index in range(count) if index not in found]
     for done, index in enumerate(missing, start=1):
         found[index] = await make(index)
         # Stored one by one: a worker that dies midway keeps what it made.
-        await store.put(class_image_key(profile, class_noun, index), found[index])
+        await store.put(images.key(index), found[index])
         on_made(done, len(missing))
     return [found[index] for index in range(count)]
 
@@ -123,7 +135,7 @@ async def _class_images(
     progress: tuple[float, float] = (_LOAD, _CLASS),
 ) -> PriorPreservation:
     """The noun's class images, reporting within ``progress`` (start, weight)."""
-    from core.ml.class_images import class_prompt, generate_class_images
+    from core.ml.class_images import class_image_recipe, class_prompt, generate_class_images
     from core.ml.train import PriorPreservation
 
     async def make(index: int) -> bytes:
@@ -134,8 +146,11 @@ async def _class_images(
         return pngs[0]
 
     ctx.progress.stage("preparing class images", start=progress[0], weight=progress[1])
+    checkpoint = await asyncio.to_thread(resident_checkpoint_identity, ctx.settings, profile)
+    recipe = class_image_recipe(profile, class_noun, checkpoint)
+    cached = ClassImageSet(profile.name, class_noun, recipe)
     pngs = await cached_class_images(
-        ctx.store, profile.name, class_noun, count, make, lambda d, t: ctx.progress.step(d, t)
+        ctx.store, cached, count, make, lambda d, t: ctx.progress.step(d, t)
     )
     images = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
     return PriorPreservation(images, class_prompt(class_noun))

@@ -6,11 +6,15 @@ them, on images the frozen base model itself draws for the bare class prompt
 it learns one. They depend only on the base model and the class noun, never on a
 user: image ``i`` of a noun is always drawn with seed ``CLASS_IMAGE_SEED + i``,
 so any worker makes the same set and one cached set serves every later user.
-Caching is the caller's business: this module takes a pipeline and returns PNGs.
+Caching is the caller's business: this module takes a pipeline and returns PNGs,
+and names what a cached set depends on (``class_image_recipe``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -64,7 +68,23 @@ def class_image_params(profile: Profile, class_noun: str, index: int) -> Generat
         guidance_scale=profile.guidance_scale,
         width=profile.resolution,
         height=profile.resolution,
+        timestep_spacing=profile.timestep_spacing,
     )
+
+
+RECIPE_CHARS = 16  # hex digits of the recipe digest in a cache key
+
+
+def class_image_recipe(profile: Profile, class_noun: str, checkpoint: str) -> str:
+    """A digest of everything a class image of ``class_noun`` depends on but its
+    index: the base model's weights (``checkpoint``, its
+    ``core.ml.checkpoint_identity``), the prompt template, the seed base and every
+    sampler setting (steps, guidance, size, sampler, timestep spacing, negative
+    prompt). A cache keyed by it misses when any of them changes."""
+    params = dataclasses.asdict(class_image_params(profile, class_noun, 0))
+    recipe = {"checkpoint": checkpoint, "family": profile.family, **params}
+    text = json.dumps(recipe, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:RECIPE_CHARS]
 
 
 def generate_class_images(

@@ -12,7 +12,7 @@ import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
@@ -26,6 +26,7 @@ from PIL import Image
 from core.errors import InvalidInput
 from core.ml.lora_cache import LoraCache, LoraWeights
 from core.ml.pipeline import exclusive
+from core.ml.profiles import TimestepSpacing
 from core.ml.train import Canceled
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
 }
 DEFAULT_SCHEDULER = "dpmpp_2m"
+TIMESTEP_SPACINGS: tuple[str, ...] = get_args(TimestepSpacing)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class GenerateParams:
     height: int
     negative_prompt: str = ""
     scheduler: str = DEFAULT_SCHEDULER
+    # A profile's ``timestep_spacing``; None keeps the checkpoint's scheduler config's.
+    timestep_spacing: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,11 +102,20 @@ def _check_params(params: GenerateParams) -> None:
             f"unknown scheduler {params.scheduler!r}; known: {', '.join(SCHEDULERS)}",
             field="scheduler",
         )
+    spacing = params.timestep_spacing
+    if spacing is not None and spacing not in TIMESTEP_SPACINGS:
+        raise InvalidInput(
+            f"unknown timestep spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}",
+            field="timestep_spacing",
+        )
 
 
-def make_scheduler(name: str, config: Any) -> SchedulerMixin:
-    """A fresh ``name`` sampler on the noise schedule in ``config``."""
+def make_scheduler(name: str, config: Any, timestep_spacing: str | None = None) -> SchedulerMixin:
+    """A fresh ``name`` sampler on the noise schedule in ``config``, its timesteps
+    spaced by ``timestep_spacing`` (None: as ``config`` says)."""
     cls, options = SCHEDULERS[name]
+    if timestep_spacing is not None:
+        options = {**options, "timestep_spacing": timestep_spacing}
     scheduler: SchedulerMixin = cls.from_config(config, **options)  # type: ignore[attr-defined]
     return scheduler
 
@@ -161,7 +174,7 @@ def _one_image(
 
     # A fresh sampler per image: no state (solver history, step index) carries
     # over, so image i depends on its seed and the parameters only.
-    pipe.scheduler = make_scheduler(params.scheduler, schedule)
+    pipe.scheduler = make_scheduler(params.scheduler, schedule, params.timestep_spacing)
     # A CPU generator gives the same starting noise for a seed on every device.
     generator = torch.Generator().manual_seed(seed)
     result = pipe(

@@ -34,8 +34,9 @@ Where the SDXL numbers come from (none measured on a GPU here yet):
   --use_8bit_adam --mixed_precision="fp16"`` (plus xformers, which torch's SDPA
   replaces). When the text encoders are not trained, their embeddings are
   precomputed; ``--train_text_encoder`` puts a LoRA on both. Its recipe runs
-  with ``--train_batch_size=1 --gradient_accumulation_steps=4``; atelier steps
-  on every batch (one photo, plus one class image with prior preservation).
+  with ``--train_batch_size=1 --gradient_accumulation_steps=4``, as the
+  ``sdxl`` preset does (one photo, plus one class image with prior preservation,
+  per batch; four batches per optimizer step).
 - ``train_dreambooth_lora_sdxl.py`` defaults: ``--rank=4``,
   ``--num_class_images=100``, ``--prior_loss_weight=1.0``, LoRA on the UNet's
   ``to_q/to_k/to_v/to_out.0`` and the CLIP encoders' ``q/k/v/out_proj``, and
@@ -63,6 +64,11 @@ SD1_ATTENTION_MODULES = UNET_ATTENTION_MODULES  # the name benchmarks import
 CLIP_ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
+# How a sampler spaces its inference timesteps over the training schedule
+# (diffusers' ``timestep_spacing``). Lin et al. 2023 (arXiv:2305.08891, table 2):
+# "trailing" starts sampling at the last, noisiest training timestep; "leading",
+# SD 1.5's and SDXL's saved config, never reaches it.
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
 
 
 @dataclass(frozen=True)
@@ -97,17 +103,17 @@ class Profile:
     # Mirrored views of the photos. Off for people: a mirror moves a parting, a scar,
     # a logo on a shirt to the other side, and the model learns both.
     horizontal_flip: bool = False
-    # --- optimizer (not read by training yet: issue 11, see docs/recipes.md) -----------
+    # --- optimizer (core.ml.train_optimizer) ---------------------------------------------
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; None = no clipping
     gradient_accumulation_steps: int = 1  # examples (batches) per optimizer step
     weight_decay: float = 1e-2  # AdamW's, on the UNet's LoRA
     # The text encoders' LoRA when they train; None = the UNet's values.
     text_encoder_learning_rate: float | None = None
     text_encoder_weight_decay: float | None = None
-    # --- sampling (not read yet: issue 11) --------------------------------------------
-    # The scheduler's timestep spacing at inference ("leading", "trailing",
-    # "linspace"); None keeps the checkpoint's scheduler config.
-    timestep_spacing: str | None = None
+    # --- sampling ---------------------------------------------------------------------
+    # The sampler's timestep spacing (generations, class images); None keeps the
+    # checkpoint's scheduler config. A request may pick another.
+    timestep_spacing: TimestepSpacing | None = None
     # --- photos ----------------------------------------------------------------------
     # The smallest training crop (the square around the face, in the photo's own
     # pixels) this profile trains on without upscaling it too far.

@@ -9,9 +9,13 @@ generation, so it is left exactly as it was found. What SD 1.x and SDXL do
 differently (prompt encoding, the UNet's conditioning) is the pipeline's
 ``Family`` (``core.ml.families``); this module is written once for both.
 
-One run may learn several subjects, each bound to its own token
-(``train_subjects``; ``core.ml.train_subjects`` has how their examples are drawn).
-A run can hand out resumable snapshots (``on_checkpoint`` every ``checkpoint_every``
+A step is one optimizer step: ``gradient_accumulation_steps`` batches, each one
+photo (and one class image with prior preservation), clipped and applied as
+``core.ml.train_optimizer`` has it. ``steps`` is the budget of one subject: one run
+may learn several subjects, each bound to its own token, and takes ``steps``
+optimizer steps for each (``train_subjects``; ``core.ml.train_subjects`` has how
+their examples are drawn). A run can hand out resumable snapshots
+(``on_checkpoint`` every ``checkpoint_every`` steps, always between optimizer
 steps) and be resumed from one (``resume``): see ``core.ml.train_state``.
 """
 
@@ -20,9 +24,8 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
@@ -34,8 +37,15 @@ from core.ml.families import Family, PromptEmbeddings, family_of
 from core.ml.pipeline import exclusive
 from core.ml.profiles import CLIP_ATTENTION_MODULES, MixedPrecision
 from core.ml.train_data import randn
-from core.ml.train_lora import add_adapters, export_lora, restored
+from core.ml.train_lora import (
+    add_adapters,
+    enable_text_encoder_checkpointing,
+    export_lora,
+    restored,
+)
 from core.ml.train_loss import dreambooth_loss, noise_target, random_timesteps
+from core.ml.train_memory import autocast, autocast_dtype, parked
+from core.ml.train_optimizer import check_optimizer_params, make_optimizer, optimizer_step
 from core.ml.train_state import TrainState, cpu_copy, optimizer_kind
 from core.ml.train_subjects import (
     InstanceSet,
@@ -54,7 +64,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("atelier.ml.train")
 
-AUTOCAST_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # TrainParams fields that change how a run executes, not what it learns: a checkpoint
 # resumes across them. The seed only starts a run (a resumed one takes its random
 # state and weights from the checkpoint); an optimizer of another kind starts its
@@ -72,6 +81,8 @@ TrainingCanceled = Canceled
 
 @dataclass(frozen=True)
 class TrainParams:
+    # Optimizer steps per subject: a run of N subjects takes N times as many
+    # (``total_steps``), so each gets what a run of its own would.
     steps: int
     learning_rate: float
     rank: int
@@ -93,6 +104,10 @@ class TrainParams:
     weight_decay: float = 1e-2
     text_encoder_learning_rate: float | None = None  # None = learning_rate
     text_encoder_weight_decay: float | None = None  # None = weight_decay
+
+    def total_steps(self, subjects: int) -> int:
+        """The optimizer steps of a run of ``subjects`` subjects: ``steps`` each."""
+        return self.steps * subjects
 
     @classmethod
     def from_profile(cls, profile: Profile, steps: int | None = None, seed: int = 0) -> TrainParams:
@@ -141,53 +156,8 @@ class _Run:
     autocast_dtype: torch.dtype | None
     generator: torch.Generator  # every random draw of every step comes from it
     fingerprint: str
-
-
-def _adam_8bit() -> Callable[..., torch.optim.Optimizer] | None:
-    """bitsandbytes' AdamW8bit, or None where it is not installed (the ``gpu`` extra)."""
-    try:
-        import bitsandbytes
-    except ImportError:
-        return None
-    adam: Callable[..., torch.optim.Optimizer] = bitsandbytes.optim.AdamW8bit
-    return adam
-
-
-def _make_optimizer(
-    parameters: list[torch.nn.Parameter], params: TrainParams, device: torch.device
-) -> torch.optim.Optimizer:
-    """AdamW (weight decay 1e-2, as diffusers' script); bitsandbytes' 8-bit AdamW
-    when the profile asks for it and it can run (installed, CUDA device)."""
-    if params.use_8bit_adam:
-        adam_8bit = _adam_8bit()
-        if adam_8bit is not None and device.type == "cuda":
-            log.info("training with bitsandbytes' 8-bit AdamW")
-            return adam_8bit(parameters, lr=params.learning_rate, weight_decay=1e-2)
-        reason = (
-            "bitsandbytes is not installed (pip install 'atelier[gpu]')"
-            if adam_8bit is None
-            else f"it needs a CUDA device, training runs on {device.type}"
-        )
-        log.warning("8-bit Adam was asked for but %s: falling back to torch.optim.AdamW", reason)
-    return torch.optim.AdamW(parameters, lr=params.learning_rate, weight_decay=1e-2)
-
-
-def _autocast_dtype(pipe: Pipeline, params: TrainParams) -> torch.dtype | None:
-    """The autocast dtype of the forward passes, None for plain fp32."""
-    unet = pipe.unet
-    if unet.device.type == "cuda" and params.mixed_precision != "no":
-        return AUTOCAST_DTYPES[params.mixed_precision]
-    if unet.dtype != torch.float32:
-        return unet.dtype  # half-precision base weights meet the fp32 LoRA weights
-    if params.mixed_precision != "no":
-        log.info("mixed precision applies on CUDA only; training on %s in fp32", unet.device)
-    return None
-
-
-def _autocast(run: _Run) -> AbstractContextManager[Any]:
-    dtype = run.autocast_dtype
-    device_type = run.pipe.unet.device.type
-    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    total: int  # optimizer steps of the whole run (``TrainParams.total_steps``)
+    adapter: str  # the run's adapter name in the pipeline
 
 
 def run_fingerprint(
@@ -213,6 +183,9 @@ def _prepare(
         module.requires_grad_(False)
     if params.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+        if params.train_text_encoder:
+            for encoder in family.text_encoders(pipe).values():
+                enable_text_encoder_checkpointing(encoder)
     views = encode_subjects(
         pipe, subjects, params.resolution, params.crop_jitter, params.horizontal_flip
     )
@@ -223,7 +196,7 @@ def _prepare(
             embeddings = family.encode(pipe, ids)
     trainable = add_adapters(pipe, params, adapter)
     device = pipe.unet.device
-    dtype = _autocast_dtype(pipe, params)
+    dtype = autocast_dtype(pipe.unet, params.mixed_precision)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
     scaling = device.type == "cuda" and dtype == torch.float16
     pipe.unet.train()
@@ -240,11 +213,13 @@ def _prepare(
         ids=ids,
         embeddings=embeddings,
         trainable=trainable,
-        optimizer=_make_optimizer([p for _, p in trainable], params, device),
+        optimizer=make_optimizer(trainable, params, device),
         scaler=torch.amp.GradScaler(device.type, enabled=scaling),
         autocast_dtype=dtype,
         generator=torch.Generator().manual_seed(params.seed),
         fingerprint=subjects_run_fingerprint(params, subjects),
+        total=params.total_steps(len(subjects)),
+        adapter=adapter,
     )
 
 
@@ -256,19 +231,19 @@ def _text(run: _Run, rows: list[int]) -> PromptEmbeddings:
     return run.family.encode(run.pipe, tuple(ids[rows] for ids in run.ids))
 
 
-def _loss(run: _Run, step: int) -> torch.Tensor:
-    """One denoising-loss evaluation: a random view of one photo of the step's
-    subject (and of one class image of its noun, prior preservation's half of the
-    batch), random noise and timesteps."""
+def _loss(run: _Run, batch: int) -> torch.Tensor:
+    """The denoising loss of batch ``batch`` (1-based, over the whole run): a random
+    view of one photo of its subject (and of one class image of its noun, prior
+    preservation's half of the batch), random noise and timesteps."""
     pipe, generator, scheduler = run.pipe, run.generator, run.noise_scheduler
-    examples, rows = run.views.batch(step, generator)
+    examples, rows = run.views.batch(batch, generator)
     latents = torch.cat([e.latents for e in examples]) * pipe.vae.config.scaling_factor
     micro = torch.tensor([e.time_ids for e in examples], dtype=torch.float32)
     noise = randn(latents.shape, generator, latents)
     t = random_timesteps(scheduler, len(latents), generator, latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     unet = pipe.unet
-    with _autocast(run):
+    with autocast(unet, run.autocast_dtype):
         conditioning = run.family.unet_kwargs(unet, _text(run, rows), micro)
         prediction = unet(noisy.to(unet.dtype), t, **conditioning)
     prior_weight = run.params.prior_loss_weight if len(examples) > 1 else None
@@ -279,19 +254,23 @@ def _loss(run: _Run, step: int) -> torch.Tensor:
 
 
 def _step(run: _Run, step: int) -> float:
-    loss = _loss(run, step)
-    run.optimizer.zero_grad(set_to_none=True)
-    # A disabled scaler passes the loss and the step through unchanged.
-    run.scaler.scale(loss).backward()
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    return float(loss.detach())
+    """Optimizer step ``step`` (1-based): batches (step - 1) * k + 1 .. step * k for
+    k accumulation steps; returns their mean loss."""
+    accumulation = run.params.gradient_accumulation_steps
+    first = (step - 1) * accumulation + 1
+    return optimizer_step(
+        lambda index: _loss(run, first + index),
+        accumulation,
+        run.optimizer,
+        run.scaler,
+        run.params.max_grad_norm,
+    )
 
 
 def _capture(run: _Run, step: int, losses: list[float]) -> TrainState:
     return TrainState(
         step=step,
-        total=run.params.steps,
+        total=run.total,
         lora={name: cpu_copy(param) for name, param in run.trainable},
         optimizer=cpu_copy(run.optimizer.state_dict()),
         optimizer_kind=optimizer_kind(run.optimizer),
@@ -303,7 +282,7 @@ def _capture(run: _Run, step: int, losses: list[float]) -> TrainState:
 
 
 def _resume(run: _Run, state: TrainState) -> None:
-    if state.fingerprint != run.fingerprint or state.total != run.params.steps:
+    if state.fingerprint != run.fingerprint or state.total != run.total:
         raise ValueError("the checkpoint belongs to another training run (see run_fingerprint)")
     if not 0 < state.step < state.total or len(state.losses) != state.step:
         raise ValueError(f"inconsistent checkpoint at step {state.step} of {state.total}")
@@ -333,6 +312,7 @@ def _check_inputs(subjects: list[InstanceSet], params: TrainParams) -> None:
         raise InvalidInput(f"invalid training parameters: {params}")
     if params.snr_gamma is not None and params.snr_gamma <= 0:
         raise InvalidInput(f"snr_gamma must be positive, not {params.snr_gamma}")
+    check_optimizer_params(params)
 
 
 def train_dreambooth_lora(
@@ -350,10 +330,11 @@ def train_dreambooth_lora(
 ) -> bytes:
     """Train a LoRA of the subject in ``photos``; return it as safetensors bytes.
 
-    ``on_step(step, total, loss)`` follows each step (1-based, counted from the
-    start of the whole run even after a resume); ``should_stop()`` is asked before
-    each step and raises Canceled when true. With ``prior``, each step's batch is
-    one photo and one class image and the loss is instance + lambda * prior.
+    ``on_step(step, total, loss)`` follows each optimizer step (1-based, counted
+    from the start of the whole run even after a resume), ``loss`` the mean over
+    its ``gradient_accumulation_steps`` batches; ``should_stop()`` is asked before
+    each step and raises Canceled when true. With ``prior``, each batch is one
+    photo and one class image and its loss is instance + lambda * prior.
 
     ``on_checkpoint(state)`` gets a resumable snapshot after every
     ``checkpoint_every``-th step but the last, before that step's ``on_step``; it
@@ -380,23 +361,39 @@ def train_subjects(
     checkpoint_every: int = 0,
 ) -> bytes:
     """``train_dreambooth_lora`` for one or more subjects, each with its own
-    instance prompt (its own token) and the class images of its noun: step k
-    trains subject (k - 1) % N. One subject is exactly ``train_dreambooth_lora``;
+    instance prompt (its own token) and the class images of its noun: batch b
+    trains subject (b - 1) % N, and N subjects run ``params.total_steps(N)`` =
+    N x ``params.steps`` optimizer steps (``on_step``'s total), so each gets a
+    single-subject run's. One subject is exactly ``train_dreambooth_lora``;
     checkpoints are matched with ``subjects_run_fingerprint``."""
     _check_inputs(subjects, params)
     adapter = f"atelier_train_{uuid.uuid4().hex}"
     with exclusive(pipe), restored(pipe), torch.enable_grad():
         run = _prepare(pipe, subjects, params, adapter)
-        losses: list[float] = []
-        if resume is not None:
-            _resume(run, resume)
-            losses = list(resume.losses)
-        for step in range(len(losses) + 1, params.steps + 1):
-            if should_stop():
-                raise Canceled(f"training canceled before step {step} of {params.steps}")
-            losses.append(_step(run, step))
-            if on_checkpoint and checkpoint_every > 0 and step % checkpoint_every == 0:
-                if step < params.steps:
-                    on_checkpoint(_capture(run, step, losses))
-            on_step(step, params.steps, losses[-1])
-        return export_lora(pipe, adapter, params)
+        with parked(pipe, params.train_text_encoder):  # the steps need the UNet alone
+            return _steps(run, resume, on_step, should_stop, on_checkpoint, checkpoint_every)
+
+
+def _steps(
+    run: _Run,
+    resume: TrainState | None,
+    on_step: Callable[[int, int, float], None],
+    should_stop: Callable[[], bool],
+    on_checkpoint: Callable[[TrainState], None] | None,
+    checkpoint_every: int,
+) -> bytes:
+    """The run's optimizer steps (from ``resume`` on), then its LoRA file."""
+    pipe, params = run.pipe, run.params
+    losses: list[float] = []
+    if resume is not None:
+        _resume(run, resume)
+        losses = list(resume.losses)
+    for step in range(len(losses) + 1, run.total + 1):
+        if should_stop():
+            raise Canceled(f"training canceled before step {step} of {run.total}")
+        losses.append(_step(run, step))
+        if on_checkpoint and checkpoint_every > 0 and step % checkpoint_every == 0:
+            if step < run.total:
+                on_checkpoint(_capture(run, step, losses))
+        on_step(step, run.total, losses[-1])
+    return export_lora(pipe, run.adapter, params)

@@ -7,11 +7,13 @@ one view, takes a random window of the training size out of its latent grid and
 samples from the posterior. Picking a mirrored view is a random horizontal flip; a
 window of the enlarged view is a random zoom and crop. Cropping the latent grid
 stands in for cropping pixels, so no step pays for a VAE pass. It is an
-approximation: AutoencoderKL's encoder has a global self-attention block, so a
-window of the latents is not the latents of that crop. `python -m
-bench.vae_crop_error` measured a relative L2 error of the posterior mean of 0.12-0.14
-on an SD 1.5-shaped VAE with random weights at 512 px (a JPEG q90 round trip: 0.023).
-Whether training should encode real pixel crops is still open (issue 11).
+approximation: AutoencoderKL's encoder has a global self-attention block and
+GroupNorms over the whole image, so a window of the latents is not the latents of
+that crop. `python -m bench.vae_crop_error` measured a relative L2 error of the
+posterior mean of 0.12-0.14 on an SD 1.5-shaped VAE with random weights at 512 px (a
+JPEG q90 round trip: 0.023), nearly all of it with the attention block removed too.
+Encoding exact crops would cost a VAE pass per example per step; docs/recipes.md
+("Latent crops") has the figures and why the approximation stays.
 
 Each example also carries SDXL's micro-conditioning (``core.ml.families.time_ids``),
 as diffusers' SDXL script records it: the size of the image it came from, the

@@ -16,6 +16,8 @@ from core.ml.families import family_of
 from core.ml.lora_weights import with_text_model_prefix
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from core.ml.families import Pipeline
     from core.ml.train import TrainParams
 
@@ -45,6 +47,40 @@ class _ModuleState:
             param.requires_grad_(self.grads.get(name, False))
 
 
+# Non-reentrant checkpointing: it needs no input that requires grad (the frozen
+# token embeddings give none), and it is transformers 5's default, not 4's.
+CHECKPOINT_OPTIONS = {"use_reentrant": False}
+
+
+def enable_text_encoder_checkpointing(encoder: PreTrainedModel) -> None:
+    """Recompute the text encoder's layer activations in backward, as the UNet's.
+    transformers also hooks the token embeddings to require grad (for peft);
+    ``restored`` removes the hook again."""
+    # transformers 5 renamed gradient_checkpointing_enable (still there, deprecated).
+    enable = getattr(encoder, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=CHECKPOINT_OPTIONS)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINT_OPTIONS)
+
+
+def text_encoder_checkpointing(encoder: PreTrainedModel) -> bool:
+    active = getattr(type(encoder), "is_activation_checkpointing", None)
+    return bool(
+        encoder.is_activation_checkpointing if active else encoder.is_gradient_checkpointing
+    )
+
+
+def _disable_text_encoder_checkpointing(encoder: PreTrainedModel) -> None:
+    disable = getattr(encoder, "activation_checkpointing_disable", None)
+    if disable is not None:
+        disable()
+    else:
+        encoder.gradient_checkpointing_disable()
+    # Only undone by transformers for models peft-loaded its own way; ours are not.
+    encoder.disable_input_require_grads()
+
+
 @contextmanager
 def restored(pipe: Pipeline) -> Iterator[None]:
     """Undo everything training does to the pipeline, even on error or cancel."""
@@ -53,6 +89,9 @@ def restored(pipe: Pipeline) -> Iterator[None]:
     saved = {name: _ModuleState.of(module) for name, module in modules.items()}
     checkpointing = pipe.unet.is_gradient_checkpointing
     encoders = family.text_encoders(pipe)
+    encoders_checkpointing = {
+        name: text_encoder_checkpointing(encoder) for name, encoder in encoders.items()
+    }
     peft_flags = {
         name: getattr(encoder, "_hf_peft_config_loaded", False)
         for name, encoder in encoders.items()
@@ -62,6 +101,9 @@ def restored(pipe: Pipeline) -> Iterator[None]:
     finally:
         if pipe.unet.is_gradient_checkpointing and not checkpointing:
             pipe.unet.disable_gradient_checkpointing()
+        for name, encoder in encoders.items():
+            if text_encoder_checkpointing(encoder) and not encoders_checkpointing[name]:
+                _disable_text_encoder_checkpointing(encoder)
         # Removes the peft wrappers themselves, not only the adapter weights, so the
         # modules and state-dict keys are the original ones again (text encoders too).
         pipe.unload_lora_weights()

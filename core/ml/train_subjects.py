@@ -3,10 +3,13 @@
 A run trains on one or more ``InstanceSet``s (a person's photos and the instance
 prompt naming their token and class noun, "a photo of pgh man"), each with the
 prior preservation of its class noun: class images drawn from "a photo of a man",
-shared by every subject of that noun. Step ``k`` trains subject ``(k - 1) % N``:
-every subject gets the same number of steps (give or take one), the order follows
-from the step number alone, so a resumed run picks up where it left, and one
-subject draws nothing more than a single-subject run always did (the same seed
+shared by every subject of that noun. A run of N subjects takes N times the
+optimizer steps of one (``TrainParams.total_steps``), so each subject gets a
+single-subject run's budget, and batch ``b`` (1-based, counting the
+``gradient_accumulation_steps`` batches of every optimizer step) trains subject
+``(b - 1) % N``: every subject gets exactly the same number of batches, the order
+follows from the batch number alone, so a resumed run picks up where it left, and
+one subject draws nothing more than a single-subject run always did (the same seed
 still gives the same LoRA).
 
 The text conditioning has one row per instance prompt, then one per distinct class
@@ -57,10 +60,10 @@ class SubjectViews:
     classes: list[LatentViews]  # one per distinct class prompt
     class_of: list[int | None]  # each subject's index into ``classes``
 
-    def batch(self, step: int, generator: torch.Generator) -> tuple[list[Example], list[int]]:
-        """Step ``step``'s (1-based) examples: one of its subject, then, with prior
+    def batch(self, batch: int, generator: torch.Generator) -> tuple[list[Example], list[int]]:
+        """Batch ``batch``'s (1-based) examples: one of its subject, then, with prior
         preservation, one of its class; and the prompt row of each."""
-        subject = (step - 1) % len(self.instances)
+        subject = (batch - 1) % len(self.instances)
         examples = [sample_example(self.instances[subject], generator)]
         rows = [subject]
         noun = self.class_of[subject]

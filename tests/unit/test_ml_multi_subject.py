@@ -33,11 +33,10 @@ from core.ml.train import (
 from core.ml.train_data import encode_views
 from core.ml.train_state import TrainState
 from core.ml.train_subjects import SubjectViews, check_subjects
-from tests.unit.ml_helpers import never
+from tests.unit.ml_helpers import never, tiny_train_params
 
 TINY = get_profile("tiny")
 TINY_SDXL = get_profile("tiny-sdxl")
-HIGH_LR = 1e-2  # far above a real run's, so a few steps visibly move the weights
 Step = tuple[int, int, float]
 
 
@@ -59,16 +58,8 @@ def two_subjects(prior: bool = True) -> list[InstanceSet]:
     ]
 
 
-def params(steps: int = 4, resolution: int = TINY.resolution, **options: Any) -> TrainParams:
-    base = TrainParams(
-        steps=steps,
-        learning_rate=HIGH_LR,
-        rank=4,
-        alpha=8,
-        target_modules=TINY.lora_target_modules,
-        resolution=resolution,
-    )
-    return replace(base, **options)
+def params(steps: int = 4, **options: Any) -> TrainParams:
+    return tiny_train_params(steps, **options)
 
 
 def train(pipe: Any, subjects: list[InstanceSet], p: TrainParams, **options: Any) -> bytes:
@@ -139,11 +130,32 @@ def test_fingerprint_covers_every_subject() -> None:
     assert both == subjects_run_fingerprint(replace(p, seed=9), two_subjects())
 
 
+def test_n_subjects_get_n_times_the_steps(pipe: StableDiffusionPipeline) -> None:
+    """Each subject of a run gets a single-subject run's optimizer steps, and the
+    progress total says so; with accumulation, each step draws k batches in turn."""
+    drawn: list[int] = []
+    batch = SubjectViews.batch
+
+    def counting(views: SubjectViews, index: int, generator: torch.Generator) -> Any:
+        drawn.append(index)
+        return batch(views, index, generator)
+
+    steps: list[tuple[int, int]] = []
+    p = params(steps=3, gradient_accumulation_steps=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SubjectViews, "batch", counting)
+        train(pipe, two_subjects(), p, on_step=lambda s, t, _l: steps.append((s, t)))
+    assert steps == [(s, 6) for s in range(1, 7)]  # 2 subjects x 3 steps
+    assert drawn == list(range(1, 13))  # 6 steps x 2 batches, numbered over the run
+    # Batch b trains subject (b - 1) % 2: 6 batches each, as 3 steps alone would draw.
+    assert p.total_steps(2) == 6 and p.total_steps(1) == 3
+
+
 def test_two_subject_run_binds_each_token(pipe: StableDiffusionPipeline) -> None:
     losses: list[float] = []
     subjects = two_subjects()
     lora = train(pipe, subjects, params(), on_step=lambda _s, _t, loss: losses.append(loss))
-    assert len(losses) == 4 and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    assert len(losses) == 8 and all(math.isfinite(loss) and loss > 0 for loss in losses)
     # Both subjects shaped the LoRA: it is neither subject's run alone.
     assert lora != train(pipe, subjects[:1], params())
     assert lora != train(pipe, subjects[1:], params())
@@ -164,7 +176,7 @@ def test_two_subject_run_binds_each_token(pipe: StableDiffusionPipeline) -> None
 def test_resumed_two_subject_run_equals_an_uninterrupted_one(
     pipe: StableDiffusionPipeline,
 ) -> None:
-    p = params(steps=6, snr_gamma=5.0, crop_jitter=0.1)
+    p = params(steps=3, snr_gamma=5.0, crop_jitter=0.1)  # 6 steps for two subjects
     straight: list[Step] = []
     whole = train(pipe, two_subjects(), p, on_step=lambda *s: straight.append(s))
 
@@ -191,10 +203,9 @@ def test_resumed_two_subject_run_equals_an_uninterrupted_one(
 
 def test_tiny_sdxl_two_subject_run(tiny_sdxl_model_dir: Path) -> None:
     sdxl = load_pipeline(tiny_sdxl_model_dir, "cpu", "float32", TINY_SDXL.family)
-    p = params(steps=2, resolution=TINY_SDXL.resolution, train_text_encoder=True)
-    p = replace(p, target_modules=TINY_SDXL.lora_target_modules)
+    p = tiny_train_params(1, TINY_SDXL, train_text_encoder=True)
     losses: list[float] = []
     lora = train(sdxl, two_subjects(), p, on_step=lambda _s, _t, loss: losses.append(loss))
-    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)  # 1 step each
     components = {key.split(".")[0] for key in load(lora)}
     assert components == {"unet", "text_encoder", "text_encoder_2"}

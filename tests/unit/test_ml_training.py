@@ -1,12 +1,12 @@
 """DreamBooth training options on the tiny checkpoint: prior preservation with cached
 class images, checkpoint and resume, Min-SNR, text-encoder LoRA, gradient
-checkpointing, the optimizer fallback and the augmentation views."""
+checkpointing, mixed precision and the augmentation views (the optimizer side is
+test_ml_optimizer.py's)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import threading
 import uuid
 from collections.abc import Callable
@@ -24,7 +24,6 @@ from PIL import Image
 from safetensors.torch import load
 
 from core.ml import tiny
-from core.ml import train as ml_train
 from core.ml.class_images import class_prompt, generate_class_images
 from core.ml.generate import instance_prompt
 from core.ml.pipeline import load_pipeline
@@ -38,15 +37,16 @@ from core.ml.train import (
 )
 from core.ml.train_data import encode_views, sample_latents, view_sides
 from core.ml.train_loss import dreambooth_loss, min_snr_weights
+from core.ml.train_memory import autocast_dtype
 from core.ml.train_state import TrainState
 from core.settings import Settings
 from core.storage import LocalBlobStore
 from core.train_job import (
+    ClassImageSet,
     _checkpoint_to_resume,
     _checkpoint_writer,
     cached_class_images,
     checkpoint_key,
-    class_image_key,
     plan_training,
 )
 from tests.unit.ml_helpers import ignore, never, random_photos
@@ -150,19 +150,23 @@ async def test_class_images_are_generated_once_then_cached(tmp_path: Path) -> No
         made.append(index)
         return f"png {index}".encode()
 
-    first = await cached_class_images(store, "tiny", "old man", 4, make)
+    images = ClassImageSet("tiny", "old man", "recipe1")
+    first = await cached_class_images(store, images, 4, make)
     assert made == [0, 1, 2, 3]
     assert first == [f"png {i}".encode() for i in range(4)]
-    key = class_image_key("tiny", "old man", 2)
-    assert key == "class_images/tiny/old-man/2.png"
+    key = images.key(2)
+    assert key == "class_images/tiny/old-man/recipe1/2.png"
     assert await store.get(key) == b"png 2"
     # A later job (any user) finds them all: nothing is generated again.
-    assert await cached_class_images(store, "tiny", "old man", 4, make) == first
+    assert await cached_class_images(store, images, 4, make) == first
     assert made == [0, 1, 2, 3]
     # Only a missing one is made again.
     await store.delete(key)
-    assert await cached_class_images(store, "tiny", "old man", 4, make) == first
+    assert await cached_class_images(store, images, 4, make) == first
     assert made == [0, 1, 2, 3, 2]
+    # Another recipe (checkpoint, sampler...) of the same profile and noun: all anew.
+    await cached_class_images(store, replace(images, recipe="recipe2"), 2, make)
+    assert made == [0, 1, 2, 3, 2, 0, 1]
 
 
 def test_plan_follows_profile_and_settings() -> None:
@@ -387,26 +391,9 @@ def test_gradient_checkpointing_trains_the_same(pipe: StableDiffusionPipeline) -
 # --- optimizer, precision, augmentation ----------------------------------------------------
 
 
-def test_8bit_adam_falls_back_to_adamw_with_a_log(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    weights = [torch.nn.Parameter(torch.zeros(2))]
-    caplog.set_level(logging.WARNING, logger="atelier.ml.train")
-    monkeypatch.setattr(ml_train, "_adam_8bit", lambda: None)
-    optimizer = ml_train._make_optimizer(weights, params(use_8bit_adam=True), torch.device("cpu"))
-    assert type(optimizer) is torch.optim.AdamW
-    assert "bitsandbytes is not installed" in caplog.text
-
-    caplog.clear()  # installed, but there is no CUDA device here
-    monkeypatch.setattr(ml_train, "_adam_8bit", lambda: torch.optim.SGD)
-    optimizer = ml_train._make_optimizer(weights, params(use_8bit_adam=True), torch.device("cpu"))
-    assert type(optimizer) is torch.optim.AdamW
-    assert "needs a CUDA device" in caplog.text
-
-
 def test_mixed_precision_is_for_cuda_only(pipe: StableDiffusionPipeline) -> None:
-    assert ml_train._autocast_dtype(pipe, params(mixed_precision="bf16")) is None
-    assert ml_train._autocast_dtype(pipe, params()) is None
+    assert autocast_dtype(pipe.unet, "bf16") is None
+    assert autocast_dtype(pipe.unet, "no") is None
 
 
 def test_crop_jitter_views(pipe: StableDiffusionPipeline) -> None:
