@@ -12,7 +12,8 @@ one of two presets:
   pipeline's dtype (``--dtype``).
 
 Writes a JSON report to the file named first: when each step ended, the process's
-memory after each step, the max_norm of every gradient clipping, how many photos
+memory after each step (its peak counted from the call to train, after the model
+load), the max_norm of every gradient clipping, how many photos
 and class images it trained on, the parameters, and where the LoRA went.
 """
 
@@ -50,22 +51,10 @@ for _name in ("clip_grad_norm_", "clip_grads_with_norm_"):
 
 from PIL import Image  # noqa: E402
 
+from bench.process_memory import process_memory, reset_peaks  # noqa: E402
 from core.ml.pipeline import load_pipeline  # noqa: E402
 from core.ml.profiles import SD15  # noqa: E402
 from core.ml.train import PriorPreservation, TrainParams, train_dreambooth_lora  # noqa: E402
-
-STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
-
-
-def process_memory() -> dict[str, int]:
-    """This process's resident memory in bytes: total, peak, anonymous (allocated)
-    and file-backed (mapped files: the checkpoint's weights, shared libraries)."""
-    memory: dict[str, int] = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in STATUS_KEYS:
-            memory[key] = int(value.split()[0]) * 1024
-    return memory
 
 
 def preset_params(args: argparse.Namespace) -> TrainParams:
@@ -107,16 +96,18 @@ def main() -> None:
     parser.add_argument("--preset", choices=("equal", "default"), default="equal")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--dtype", default="float32", help="the pipeline's (the worker's)")
+    parser.add_argument("--device", default="cpu", help="where the pipeline trains")
     parser.add_argument("--lora-out", type=Path, required=True)
     args = parser.parse_args()
 
-    pipe = load_pipeline(args.checkpoint, "cpu", args.dtype)
+    pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
     loaded = process_memory()
     photos = [Image.open(p).convert("RGB") for p in sorted(args.instance.iterdir())]
     classes = [Image.open(p).convert("RGB") for p in sorted(args.class_dir.iterdir())]
     params = preset_params(args)
     stamps: list[float] = []
     memory: list[dict[str, int]] = []
+    reset_peaks()  # from here on: everything training does, encoding included
     lora = train_dreambooth_lora(
         pipe,
         photos,
@@ -136,6 +127,7 @@ def main() -> None:
         "class_images": len(classes),
         "params": {k: str(v) for k, v in dataclasses.asdict(params).items()},
         "dtype": args.dtype,
+        "device": args.device,
     }
     args.report.write_text(json.dumps(report))
 

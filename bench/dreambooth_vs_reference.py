@@ -3,8 +3,9 @@
 Both sides train an SD 1.5-shaped checkpoint with random weights
 (bench/sd15_checkpoint.py) on the 4 demo photos at the same resolution, with prior
 preservation on the same ready class images (so neither side generates any), on
-the CPU. Each runs in its own process under /usr/bin/time (peak RSS); seconds per
-step are the median of the per-step times after the first steps (warm-up excluded).
+the CPU (``--device cuda``: on the GPU, for bench/gpu_suite.sh). Each runs in its own
+process; seconds per step are the median of the per-step times after the first steps
+(warm-up excluded).
 
 Sides (``--preset``):
 
@@ -18,12 +19,19 @@ Sides (``--preset``):
   shapes, the same photos and class images, the gradient norm clipped at every
   step on both sides; a difference is printed and the exit status is 1.
 - ``atelier default``: atelier's sd15 preset at the bench's resolution and steps
-  (``--preset default``): rank 8, Min-SNR 5, gradient checkpointing, crop jitter.
+  (``--preset default``): rank 8, Min-SNR 5, gradient checkpointing, crop jitter,
+  its pipeline in ``--dtype`` (a GPU worker's bfloat16: frozen weights in bf16, the
+  LoRA in fp32). With a half ``--dtype`` the reference also runs at that
+  ``--mixed_precision`` (``reference bf16``), the same lever on its side.
 
     .venv/bin/python -m bench.dreambooth_vs_reference --preset both \\
         --reference-script /path/to/diffusers/examples/dreambooth/train_dreambooth_lora.py
 
-Memory is reported as the peak RSS and as what it is made of at the last step:
+Memory is reported as the training's peak (VmHWM restarted once the models are
+loaded: what training itself holds, its own encoding included; on CUDA also the
+device's peak of allocated memory), the load's peak before it (loading fp32 files
+into bf16 holds both for a moment), and what the resident set is made of at the
+last step:
 pages mapped from files (the checkpoint's weights, which diffusers loads without a
 copy when the dtype matches, and shared libraries) and anonymous memory (everything
 allocated). Prints a table and writes bench/results/dreambooth_vs_reference.json.
@@ -42,6 +50,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.process_memory import CUDA_PEAK
 from bench.results_file import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,11 +61,22 @@ WARMUP_STEPS = 2  # first steps pay for lazy init and allocator growth
 MAX_GRAD_NORM = 1.0  # train_dreambooth_lora.py --max_grad_norm default, on both sides
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what the reference writes
 GIB = 2**30
+# The reference's --mixed_precision that holds its frozen weights in the dtype the
+# default-preset side loads its pipeline in: the same lever on both sides.
+REFERENCE_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
 # Each side's figures that the report takes the median of, over repeats.
-NUMERIC_FIGURES = ("s_per_step", "peak_rss_bytes", "file_backed_bytes", "anonymous_bytes")
+NUMERIC_FIGURES = (
+    "s_per_step",
+    "training_peak_bytes",
+    "load_peak_bytes",
+    "file_backed_bytes",
+    "anonymous_bytes",
+    "vram_training_peak_bytes",  # on a CUDA device only
+)
 
 # Run inside the reference's process: record when each optimizer step ends, and the
-# process's memory then, by wrapping the progress bar it updates once per step (the
+# process's memory then (its peak restarted when the step bar is made, after the
+# models are loaded), by wrapping the progress bar it updates once per step (the
 # one named "Steps": loading pipelines has bars too), and the max_norm of every
 # gradient clipping (accelerate calls torch's clip_grad_norm_, or get_total_norm and
 # clip_grads_with_norm_ where torch.distributed is built). The script itself is not
@@ -65,16 +85,18 @@ REFERENCE_RUNNER = """
 import json, runpy, sys, time
 import torch
 import tqdm.auto
-stamps, memory, clips = [], [], []
-def status():
-    keys = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
-    rows = (line.split(":", 1) for line in open("/proc/self/status"))
-    return {k: int(v.split()[0]) * 1024 for k, v in rows if k in keys}
+from bench.process_memory import process_memory, reset_peaks
+stamps, memory, clips, loaded = [], [], [], []
 class StampedBar(tqdm.auto.tqdm):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.desc == "Steps":  # models loaded: the training's peaks start here
+            loaded.append(process_memory())
+            reset_peaks()
     def update(self, n=1):
         if self.desc == "Steps":
             stamps.append(time.perf_counter())
-            memory.append(status())
+            memory.append(process_memory())
         return super().update(n)
 tqdm.auto.tqdm = StampedBar
 def counted(clip):
@@ -89,7 +111,9 @@ sys.argv = [script] + sys.argv[3:]
 try:
     runpy.run_path(script, run_name="__main__")
 finally:
-    json.dump({"stamps": stamps, "memory": memory, "clip_norms": clips}, open(out, "w"))
+    report = {"stamps": stamps, "memory": memory, "clip_norms": clips,
+              "memory_after_load": loaded[0] if loaded else None}
+    json.dump(report, open(out, "w"))
 """
 
 
@@ -113,19 +137,10 @@ def instance_images(folder: Path) -> Path:
     return folder
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> int:
-    """Run under /usr/bin/time; returns the peak RSS in bytes."""
-    with tempfile.NamedTemporaryFile(suffix=".time") as stats:
-        run = subprocess.run(
-            ["/usr/bin/time", "-f", "%M", "-o", stats.name, *cmd],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
-        if run.returncode != 0:
-            raise SystemExit(f"{cmd[:4]} failed:\n{run.stderr[-3000:]}")
-        return int(Path(stats.name).read_text().split()[-1]) * 1024
+def run(cmd: list[str], env: dict[str, str]) -> None:
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed:\n{done.stderr[-3000:]}")
 
 
 def step_seconds(stamps: list[float]) -> float:
@@ -133,24 +148,29 @@ def step_seconds(stamps: list[float]) -> float:
     return statistics.median(deltas[WARMUP_STEPS - 1 :])
 
 
-def side_result(report: dict[str, Any], peak: int) -> dict[str, Any]:
+def side_result(report: dict[str, Any]) -> dict[str, Any]:
     last = report["memory"][-1]
-    return {
+    result = {
         "s_per_step": step_seconds(report["stamps"]),
-        "peak_rss_bytes": peak,
+        "load_peak_bytes": report["memory_after_load"]["VmHWM"],  # up to the models loaded
+        "training_peak_bytes": last["VmHWM"],  # from the start of training on
         "file_backed_bytes": last["RssFile"],  # at the last step
         "anonymous_bytes": last["RssAnon"],
         "steps": len(report["stamps"]),
         "clip_norms": report["clip_norms"],  # max_norm of each clipping
     }
+    if CUDA_PEAK in last:
+        result["vram_training_peak_bytes"] = last[CUDA_PEAK]
+    return result
 
 
 def run_reference(
-    args: argparse.Namespace, work: Path, env: dict[str, str]
+    args: argparse.Namespace, work: Path, env: dict[str, str], precision: str = "no"
 ) -> tuple[dict[str, Any], Path]:
-    """The reference's figures and the LoRA file it wrote."""
-    out = work / "reference_out"
-    report = work / "reference_report.json"
+    """The reference's figures and the LoRA file it wrote, at ``precision``
+    (--mixed_precision: "no", or "bf16": frozen weights in bf16, LoRA in fp32)."""
+    out = work / f"reference_{precision}_out"
+    report = work / f"reference_{precision}_report.json"
     cmd = [
         sys.executable, "-c", REFERENCE_RUNNER, str(report), str(args.reference_script),
         "--pretrained_model_name_or_path", str(args.checkpoint),
@@ -164,12 +184,12 @@ def run_reference(
         "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
         "--max_train_steps", str(args.steps), "--rank", str(args.rank),
         "--max_grad_norm", str(MAX_GRAD_NORM), "--adam_weight_decay", "1e-2",
-        "--checkpointing_steps", "1000000", "--seed", "0", "--mixed_precision", "no",
+        "--checkpointing_steps", "1000000", "--seed", "0", "--mixed_precision", precision,
         "--dataloader_num_workers", "0", "--report_to", "tensorboard",
         "--output_dir", str(out),
     ]  # fmt: skip
-    peak = timed(cmd, env)
-    return side_result(json.loads(report.read_text()), peak), out / LORA_FILE
+    run(cmd, env)
+    return side_result(json.loads(report.read_text())), out / LORA_FILE
 
 
 def run_atelier(
@@ -186,10 +206,11 @@ def run_atelier(
         "--instance-prompt", INSTANCE_PROMPT, "--class-prompt", CLASS_PROMPT,
         "--preset", preset, "--max-grad-norm", str(MAX_GRAD_NORM),
         "--dtype", args.dtype if preset == "default" else "float32", "--lora-out", str(lora),
+        "--device", args.device,
     ]  # fmt: skip
-    peak = timed(cmd, env)
+    run(cmd, env)
     full = json.loads(report.read_text())
-    return side_result(full, peak), full, lora
+    return side_result(full), full, lora
 
 
 def lora_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -247,6 +268,9 @@ def main() -> None:
     parser.add_argument(
         "--dtype", default="float32", help="the pipeline dtype of the default-preset side"
     )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where both sides train"
+    )
     args = parser.parse_args()
     if args.steps <= WARMUP_STEPS:
         parser.error(f"--steps must be more than the {WARMUP_STEPS} warm-up steps")
@@ -255,6 +279,8 @@ def main() -> None:
 
         args.checkpoint = build()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # accelerate would take a GPU where there is one
     presets = ("equal", "default") if args.preset == "both" else (args.preset,)
     runs: dict[str, list[dict[str, Any]]] = {"reference": []}
     differences: list[str] = []
@@ -265,6 +291,11 @@ def main() -> None:
         for _ in range(args.repeats):  # alternate, so drift hits every side
             reference = run_reference(args, work, env)
             runs["reference"].append(reference[0])
+            if "default" in presets and args.dtype in REFERENCE_PRECISION:
+                precision = REFERENCE_PRECISION[args.dtype]
+                runs.setdefault(f"reference {precision}", []).append(
+                    run_reference(args, work, env, precision)[0]
+                )
             for preset in presets:
                 atelier = run_atelier(args, work, env, preset)
                 runs.setdefault(f"atelier {preset}", []).append(atelier[0])
@@ -276,34 +307,46 @@ def main() -> None:
 
 
 def table_cells(side: dict[str, float], ref: dict[str, float]) -> list[str]:
-    """s/step, its ratio to the reference's, peak RSS, its ratio, and the last step's
-    file-backed and anonymous memory."""
-    return [
-        f"{side['s_per_step']:.2f}",
-        f"{side['s_per_step'] / ref['s_per_step']:.2f}",
-        f"{side['peak_rss_bytes'] / GIB:.2f}",
-        f"{side['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}",
-        f"{side['file_backed_bytes'] / GIB:.2f}",
-        f"{side['anonymous_bytes'] / GIB:.2f}",
-    ]
+    """s/step and the training's peaks (host, and device where there is one), each
+    beside its ratio to ``ref``; the load's peak, the last step's file-backed and
+    anonymous memory."""
+    keys = ["s_per_step", "training_peak_bytes"]
+    keys += ["vram_training_peak_bytes"] if "vram_training_peak_bytes" in side else []
+    cells = []
+    for key in keys:
+        scale = 1.0 if key == "s_per_step" else GIB
+        cells += [f"{side[key] / scale:.2f}", f"{side[key] / ref[key]:.2f}"]
+    memory = (
+        side[key] / GIB for key in ("load_peak_bytes", "file_backed_bytes", "anonymous_bytes")
+    )
+    return [*cells, *(f"{gib:.2f}" for gib in memory)]
 
 
 def report(
     runs: dict[str, list[dict[str, Any]]], differences: list[str], args: argparse.Namespace
 ) -> None:
     med = {
-        side: {key: statistics.median(r[key] for r in rs) for key in NUMERIC_FIGURES}
+        side: {
+            key: statistics.median(r[key] for r in rs) for key in NUMERIC_FIGURES if key in rs[0]
+        }
         for side, rs in runs.items()
     }
-    ref = med["reference"]
     print(f"\nSD 1.5-shaped DreamBooth-LoRA, {args.resolution} px, prior preservation, "
           f"{args.steps} steps, CPU; reference and 'atelier equal': rank {args.rank}, "
           f"fp32, clipping at {MAX_GRAD_NORM}; 'atelier default': the sd15 preset "
           f"({args.dtype} weights)\n")  # fmt: skip
-    print("| side | s/step | x ref | peak RSS GiB | x ref | file-backed GiB | anonymous GiB |")
-    print("|---|---|---|---|---|---|---|")
+    vram = "| VRAM peak GiB | x " if args.device == "cuda" else ""
+    header = f"| side | vs | s/step | x | training peak GiB | x {vram}"
+    print(f"{header}| load peak GiB | file-backed GiB | anonymous GiB |")
+    print("|---" * header.count("|") + "|---|---|---|")
     for side, m in med.items():
-        print(f"| {side} | " + " | ".join(table_cells(m, ref)) + " |")
+        # Each side beside the reference; the reference in a half precision beside
+        # the fp32 one, and the default preset beside both.
+        bases = ["reference"]
+        if side == "atelier default":
+            bases += [base for base in med if base.startswith("reference ")]
+        for base in bases:
+            print(f"| {side} | {base} | " + " | ".join(table_cells(m, med[base])) + " |")
     for difference in differences:
         print(f"NOT THE SAME WORK: {difference}")
     write_result(

@@ -40,13 +40,14 @@ from PIL import Image
 from core.db.engine import make_engine, make_sessionmaker
 from core.db.shop_models import ClipModel
 from core.job_specs import GenerationSpec
-from core.ml.class_images import class_prompt, generate_class_images
+from core.ml.class_images import class_image_recipe, class_prompt, generate_class_images
 from core.ml.generate import GenerateParams, generate_images, instance_prompt, subject_prompt
 from core.ml.lora_cache import LoraWeights
 from core.ml.profiles import Profile, get_profile
 from core.ml.train import InstanceSet, PriorPreservation, subjects_run_fingerprint, train_subjects
 from core.ml_runtime import (
     forget_resident_loras,
+    resident_checkpoint_identity,
     resident_clip_runtime,
     resident_lora_cache,
     resident_pipeline,
@@ -58,7 +59,7 @@ from core.shop.catalog_index import CatalogIndex, load_index
 from core.shop.grounding import GroundedPrompt
 from core.shop.rerank import RerankWeights
 from core.storage import LocalBlobStore, blob_store_from_settings
-from core.train_job import TrainPlan, cached_class_images, plan_training
+from core.train_job import ClassImageSet, TrainPlan, cached_class_images, plan_training
 
 T = TypeVar("T")
 # The train job's seed is its attempt number: 1 on a first attempt.
@@ -151,9 +152,10 @@ class DirectLook:
             )
             return pngs[0]
 
-        return self._run(
-            cached_class_images(self.store, self.profile.name, self.class_noun, count, make)
-        )
+        checkpoint = resident_checkpoint_identity(self.settings, self.profile)
+        recipe = class_image_recipe(self.profile, self.class_noun, checkpoint)
+        images = ClassImageSet(self.profile.name, self.class_noun, recipe)
+        return self._run(cached_class_images(self.store, images, count, make))
 
     def prepare_class_images(self) -> tuple[int, float]:
         """Make the class images into the local store: (how many, seconds)."""
@@ -260,6 +262,7 @@ class DirectLook:
             width=spec.width or self.profile.resolution,
             height=spec.height or self.profile.resolution,
             scheduler=spec.scheduler or "dpmpp_2m",
+            timestep_spacing=spec.timestep_spacing,
         )
         cache = resident_lora_cache(self.settings, self.pipe, self.profile)
         candidates = generate_images(

@@ -79,7 +79,9 @@ def build_vaes(checkpoint: Path | None) -> dict[str, Any]:
     else:
         nested = (checkpoint / "vae").is_dir()
         full = AutoencoderKL.from_pretrained(checkpoint, subfolder="vae" if nested else None)
-    config = {**full.config, "mid_block_add_attention": False}
+    # Without the bookkeeping keys: "_use_default_values" would reset the override.
+    config = {k: v for k, v in full.config.items() if not k.startswith("_")}
+    config["mid_block_add_attention"] = False
     plain = AutoencoderKL.from_config(config).eval()
     missing, _ = plain.load_state_dict(full.state_dict(), strict=False)
     assert not missing, missing  # every weight of the plain VAE is the full one's
