@@ -10,11 +10,11 @@ from fastapi import FastAPI, Request, Response
 
 from api import problems
 from api.routes import admin, generations, jobs, outputs, products, search, subjects, system
+from core.blobs.store import blob_store_from_settings
 from core.db.engine import make_engine, make_sessionmaker
 from core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from core.settings import Settings, get_settings
 from core.shop.searcher import CatalogSearcher
-from core.storage import blob_store_from_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

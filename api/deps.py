@@ -11,8 +11,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.accounts import authenticate, require_admin
+from core.blobs.store import BlobStore
 from core.settings import Settings
-from core.storage import BlobStore
 
 _bearer = HTTPBearer(auto_error=False, description="API key from `python -m api keys create`")
 

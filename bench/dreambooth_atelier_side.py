@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from core.ml_runtime import offline_quiet_env
+from core.ml.resident import offline_quiet_env
 
 offline_quiet_env()
 

@@ -1,8 +1,8 @@
 """bench.look_tiny's direct side: a look's work with core's functions called in
 this process, none of the service around them.
 
-The same work as the stack's train and generate jobs (``core.train_job``,
-``core.generate_job``), stage for stage and with the same functions and
+The same work as the stack's train and generate jobs (``core.handlers.train``,
+``core.handlers.generate``), stage for stage and with the same functions and
 settings: training planned by ``plan_training`` (prior preservation on the
 profile's class images, resumable checkpoints at its cadence, each
 ``TrainState.to_bytes`` put atomically into a local ``LocalBlobStore``);
@@ -37,29 +37,29 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
+from core.blobs.store import LocalBlobStore, blob_store_from_settings
 from core.db.engine import make_engine, make_sessionmaker
 from core.db.shop_models import ClipModel
-from core.job_specs import GenerationSpec
+from core.handlers.train import ClassImageSet, TrainPlan, cached_class_images, plan_training
+from core.jobs.specs import GenerationSpec
 from core.ml.class_images import class_image_recipe, class_prompt, generate_class_images
 from core.ml.generate import GenerateParams, generate_images, instance_prompt, subject_prompt
 from core.ml.lora_cache import LoraWeights
 from core.ml.profiles import Profile, get_profile
-from core.ml.train import InstanceSet, PriorPreservation, subjects_run_fingerprint, train_subjects
-from core.ml_runtime import (
+from core.ml.resident import (
     forget_resident_loras,
     resident_checkpoint_identity,
     resident_clip_runtime,
     resident_lora_cache,
     resident_pipeline,
 )
+from core.ml.train import InstanceSet, PriorPreservation, subjects_run_fingerprint, train_subjects
 from core.photos import PhotoLimits, normalize_photo
 from core.settings import Settings
 from core.shop import look
 from core.shop.catalog_index import CatalogIndex, load_index
 from core.shop.grounding import GroundedPrompt
 from core.shop.rerank import RerankWeights
-from core.storage import LocalBlobStore, blob_store_from_settings
-from core.train_job import ClassImageSet, TrainPlan, cached_class_images, plan_training
 
 T = TypeVar("T")
 # The train job's seed is its attempt number: 1 on a first attempt.

@@ -42,7 +42,7 @@ from bench.bench_stack import (
     restore_signals,
 )
 from bench.results_file import write_result
-from core.ml_runtime import offline_quiet_env
+from core.ml.resident import offline_quiet_env
 
 offline_quiet_env()
 

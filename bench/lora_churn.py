@@ -23,7 +23,7 @@ import os
 import time
 
 from bench.results_file import write_result
-from core.ml_runtime import offline_quiet_env
+from core.ml.resident import offline_quiet_env
 
 offline_quiet_env()
 

@@ -26,14 +26,14 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from bench.bench_stack import crawl_and_embed, migrate, restore_signals
 from bench.query_embedding import build_model, export
-from core.clip_catalog import onnx_prefix
+from core.blobs.store import blob_store_from_settings
 from core.db.engine import make_engine, make_sessionmaker, session_scope
 from core.db.shop_models import ProductEmbedding
+from core.handlers.clip_catalog import onnx_prefix
 from core.settings import Settings
 from core.shop import feature_store
 from core.shop.onnx_encoder import CONFIG_FILE, EncoderConfig
 from core.shop.versions import active_version, create_base_version
-from core.storage import blob_store_from_settings
 from demo.__main__ import LOG_DIR, ROOT, Stack, _new_key
 
 BENCH_DIR = ROOT / "var" / "bench-search"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.results_file import write_result
-from core.ml_runtime import offline_quiet_env
+from core.ml.resident import offline_quiet_env
 
 offline_quiet_env()
 

@@ -19,10 +19,10 @@ from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core import jobs
 from core.db.catalog_models import CrawlRun, Product
 from core.db.models import ACTIVE, Job, JobKind, JobStatus
 from core.errors import Conflict
+from core.jobs import states
 from core.ml.fashion_clip.profiles import get_clip_profile
 from core.settings import Settings
 
@@ -95,7 +95,7 @@ async def request_catalog_embed(
     waiting = await _active(session, JobKind.catalog_embed, {JobStatus.queued})
     if waiting is not None:
         return waiting
-    return await jobs.create_job(
+    return await states.create_job(
         session,
         account_id=account_id,
         kind=JobKind.catalog_embed,
@@ -125,7 +125,7 @@ async def request_clip_finetune(
             job_id=str(active.id),
         )
     params = {"profile": settings.clip_profile, **spec.resolve(settings).model_dump()}
-    return await jobs.create_job(
+    return await states.create_job(
         session,
         account_id=account_id,
         kind=JobKind.clip_finetune,

@@ -18,10 +18,10 @@ from typing import Any
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core import jobs
 from core.db.models import Job, JobKind, Output, Subject
 from core.errors import InvalidInput, NotFound
-from core.job_specs import GenerationSpec
+from core.jobs import states
+from core.jobs.specs import GenerationSpec
 from core.settings import Settings
 from core.subjects import get_subject, latest_lora, subject_photos
 
@@ -79,7 +79,7 @@ async def request_training(
         params["steps"] = steps
     if len(run) > 1:
         params["subject_ids"] = [str(subject.id) for subject in run]
-    job = await jobs.create_job(
+    job = await states.create_job(
         session,
         account_id=account_id,
         kind=JobKind.train,
@@ -105,9 +105,9 @@ async def request_generation(
     assert spec.profile is not None
     depends_on = None
     if await latest_lora(session, subject.id, spec.profile) is None:
-        training = await jobs.active_job_for_subject(session, subject.id, JobKind.train)
+        training = await states.active_job_for_subject(session, subject.id, JobKind.train)
         if training is None:
-            training = await jobs.create_job(
+            training = await states.create_job(
                 session,
                 account_id=account_id,
                 kind=JobKind.train,
@@ -116,7 +116,7 @@ async def request_generation(
                 max_attempts=settings.job_max_attempts,
             )
         depends_on = training.id
-    job = await jobs.create_job(
+    job = await states.create_job(
         session,
         account_id=account_id,
         kind=JobKind.generate,

@@ -25,11 +25,11 @@ from sqlalchemy import delete
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.blobs.store import BlobStore
 from core.db.models import Job, Lora, Subject, SubjectPhoto
 from core.errors import InvalidInput, NotFound, PhotoRejected
 from core.photos import NormalizedPhoto, PhotoLimits, check_photo_count, normalize_photo
 from core.rare_tokens import RARE_TOKENS
-from core.storage import BlobStore
 
 if TYPE_CHECKING:
     from PIL import Image

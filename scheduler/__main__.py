@@ -11,7 +11,7 @@ from prometheus_client import start_http_server
 from core.db.engine import make_engine, make_sessionmaker
 from core.settings import get_settings
 from scheduler.dispatcher import Dispatcher
-from worker.queues import connect
+from transport.queues import connect
 
 
 async def _main() -> None:

@@ -3,7 +3,7 @@
 Each tick:
 1. fails queued jobs whose prerequisite failed (they can never run);
 2. marks runnable queued jobs ``scheduled`` and sends them to their kind's queue
-   (GPU for train/generate, CPU for crawls: worker/queues.py);
+   (GPU for train/generate, CPU for crawls: transport/queues.py);
 3. requeues running jobs whose worker stopped heartbeating (the reaper);
 4. re-sends scheduled jobs whose message vanished (Redis flushed or restarted) or
    was taken by a worker that died before claiming the job.
@@ -21,11 +21,11 @@ from arq.connections import ArqRedis
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core import dispatch
 from core.db.engine import session_scope
+from core.jobs import scheduling
 from core.metrics import JOBS_DISPATCHED, JOBS_REAPED, JOBS_REENQUEUED
 from core.settings import Settings
-from worker.queues import message_waiting, new_message_id, queue_for, send
+from transport.queues import message_waiting, new_message_id, queue_for, send
 
 log = logging.getLogger("atelier.scheduler")
 
@@ -41,7 +41,7 @@ class Dispatcher:
 
     async def tick(self) -> None:
         async with session_scope(self.sessions) as session:
-            if failed := await dispatch.fail_blocked_dependents(session):
+            if failed := await scheduling.fail_blocked_dependents(session):
                 log.info("failed %d jobs whose prerequisite failed", failed)
         await self.dispatch()
         await self.reap()
@@ -49,7 +49,7 @@ class Dispatcher:
 
     async def dispatch(self) -> int:
         async with session_scope(self.sessions) as session:
-            taken = await dispatch.take_dispatchable(session, DISPATCH_BATCH)
+            taken = await scheduling.take_dispatchable(session, DISPATCH_BATCH)
             for job in taken:
                 job.transport_id = new_message_id(job.id)
         # Sent after the commit: if we crash in between, reconcile() re-sends.
@@ -63,7 +63,7 @@ class Dispatcher:
     async def reap(self) -> None:
         stale = timedelta(seconds=self.settings.heartbeat_stale_s)
         async with session_scope(self.sessions) as session:
-            reaped = await dispatch.reap_orphans(session, stale)
+            reaped = await scheduling.reap_orphans(session, stale)
         for r in reaped:
             JOBS_REAPED.labels(outcome=r.outcome.value).inc()
             log.warning("job %s: worker %s lost, job %s", r.job_id, r.worker_id, r.outcome.value)
@@ -71,14 +71,14 @@ class Dispatcher:
     async def reconcile(self) -> None:
         grace = timedelta(seconds=self.settings.reconcile_grace_s)
         async with session_scope(self.sessions) as session:
-            waiting = await dispatch.scheduled_unclaimed(session, grace)
+            waiting = await scheduling.scheduled_unclaimed(session, grace)
         for job in waiting:
             queue = queue_for(job.kind)
             if job.transport_id and await message_waiting(self.redis, job.transport_id, queue):
                 continue  # still queued: no worker is free yet
             new_id = new_message_id(job.id)
             async with session_scope(self.sessions) as session:
-                if not await dispatch.replace_transport_id(
+                if not await scheduling.replace_transport_id(
                     session, job.id, job.transport_id, new_id
                 ):
                     continue

@@ -23,9 +23,9 @@ from types import FrameType
 from arq.worker import Worker
 from prometheus_client import start_http_server
 
-from core.ml_runtime import offline_quiet_env, warm_up
+from core.fleet.workers import parse_bytes
+from core.ml.resident import offline_quiet_env, warm_up
 from core.settings import Settings, get_settings
-from core.workers import parse_bytes
 from worker.app import Device, build_worker
 from worker.compute import MainThreadRunner
 from worker.cpu import build_cpu_worker

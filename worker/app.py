@@ -18,16 +18,16 @@ from typing import Any
 from arq.cron import CronJob
 from arq.worker import Worker, func
 
-from core.catalog_embed_job import run_catalog_embed
+from core.blobs.store import blob_store_from_settings
 from core.db.engine import make_engine, make_sessionmaker, session_scope
 from core.db.models import JobKind
-from core.execution import Compute, Executor, Handler
-from core.generate_job import run_generation
+from core.fleet.workers import new_worker_id, register_worker, stop_worker, touch_worker
+from core.handlers.catalog_embed import run_catalog_embed
+from core.handlers.generate import run_generation
+from core.handlers.train import run_training
+from core.jobs.execution import Compute, Executor, Handler
 from core.settings import Settings
-from core.storage import blob_store_from_settings
-from core.train_job import run_training
-from core.workers import new_worker_id, register_worker, stop_worker, touch_worker
-from worker.queues import GPU_QUEUE, RUN_JOB, redis_settings
+from transport.queues import GPU_QUEUE, RUN_JOB, redis_settings
 
 log = logging.getLogger("atelier.worker")
 

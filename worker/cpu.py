@@ -18,13 +18,13 @@ from arq import cron
 from arq.cron import CronJob
 from arq.worker import Worker
 
-from core.clip_finetune_job import run_clip_finetune
-from core.crawl_job import create_due_crawl_jobs, run_crawl
 from core.db.engine import session_scope
 from core.db.models import JobKind
+from core.handlers.clip_finetune import run_clip_finetune
+from core.handlers.crawl import create_due_crawl_jobs, run_crawl
 from core.settings import Settings
+from transport.queues import CPU_QUEUE
 from worker.app import Device, build_worker
-from worker.queues import CPU_QUEUE
 
 log = logging.getLogger("atelier.worker.cpu")
 

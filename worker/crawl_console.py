@@ -17,12 +17,12 @@ import signal
 import sys
 from typing import TextIO
 
+from core.blobs.store import blob_store_from_settings
 from core.catalog.crawl import CrawlProgress, crawl_site, known_sites
 from core.db.catalog_models import CrawlRun, CrawlStatus
 from core.db.engine import make_engine, make_sessionmaker
 from core.errors import Conflict
 from core.settings import Settings
-from core.storage import blob_store_from_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_UNKNOWN_SITE = 0, 1, 2
 # Without a terminal (a log file) the line is printed anew, less often.

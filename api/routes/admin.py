@@ -13,8 +13,8 @@ from api.schemas import JobOut
 from api.shop_schemas import ClipModelList, ClipModelOut
 from core.catalog.queries import recent_crawl_runs
 from core.clip_jobs import ClipFinetuneSpec, request_catalog_embed, request_clip_finetune
-from core.crawl_job import create_crawl_job
 from core.db.shop_models import ClipModel
+from core.handlers.crawl import create_crawl_job
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Header
 from api.deps import AccountDep, SessionDep, SettingsDep
 from api.schemas import JobOut
 from core.generations import request_generation
-from core.job_specs import GenerationSpec
+from core.jobs.specs import GenerationSpec
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 

@@ -8,9 +8,9 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.deps import AccountDep, SessionDep, SettingsDep
 from api.schemas import JobOut, JobPage, OutputOut
-from core import jobs
 from core.db.models import Job, JobKind, JobStatus
 from core.generations import job_outputs
+from core.jobs import states
 from core.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -27,7 +27,7 @@ async def job_view(session: AsyncSession, settings: Settings, job: Job) -> JobOu
 async def get_job(
     job_id: uuid.UUID, account: AccountDep, session: SessionDep, settings: SettingsDep
 ) -> JobOut:
-    return await job_view(session, settings, await jobs.get_job(session, account, job_id))
+    return await job_view(session, settings, await states.get_job(session, account, job_id))
 
 
 @router.get("", response_model=JobPage)
@@ -40,7 +40,7 @@ async def list_jobs(
     status: JobStatus | None = None,
     kind: JobKind | None = None,
 ) -> JobPage:
-    page = await jobs.list_jobs(
+    page = await states.list_jobs(
         session, account, limit=limit, cursor=cursor, status=status, kind=kind
     )
     items = [await job_view(session, settings, job) for job in page.jobs]
@@ -51,6 +51,6 @@ async def list_jobs(
 async def cancel_job(
     job_id: uuid.UUID, account: AccountDep, session: SessionDep, settings: SettingsDep
 ) -> JobOut:
-    job = await jobs.cancel_job(session, account, job_id)
+    job = await states.cancel_job(session, account, job_id)
     await session.commit()
     return await job_view(session, settings, job)

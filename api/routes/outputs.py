@@ -7,8 +7,8 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from api.deps import AccountDep, SessionDep, StoreDep
+from core.blobs.store import BlobStore
 from core.generations import get_output
-from core.storage import BlobStore
 
 router = APIRouter(prefix="/v1/outputs", tags=["outputs"])
 

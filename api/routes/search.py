@@ -13,7 +13,7 @@ from api.shop_schemas import LookItemOut, OutputProductsOut, ScoredProductOut, S
 from core.db.models import JobKind
 from core.errors import SearchImageTooLarge
 from core.generations import get_output, job_of_output
-from core.job_specs import ProductFilters, generation_spec_of
+from core.jobs.specs import ProductFilters, generation_spec_of
 from core.shop.look_items import linked_products, look_item_views
 from core.shop.search import SearchPage
 from core.shop.searcher import CatalogSearcher

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, TypeVar
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.blobs.store import BlobStore
 from core.catalog.fetch import CrawlErrorKind, Fetcher, FetchResult
 from core.catalog.records import ChangeKind
 from core.catalog.sites import Site
 from core.metrics import CRAWL_BYTES, CRAWL_ERRORS, CRAWL_PAGES, CRAWL_PRODUCTS
 from core.settings import Settings
-from core.storage import BlobStore
 
 if TYPE_CHECKING:
     from core.catalog.writer import CatalogWriter, Outcome

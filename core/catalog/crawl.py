@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.blobs.store import BlobStore
 from core.catalog import store
 from core.catalog.context import CrawlAborted, CrawlContext, CrawlProgress, CrawlTally
 from core.catalog.discover import discover
@@ -44,7 +45,6 @@ from core.db.engine import session_scope
 from core.db.models import utcnow
 from core.metrics import CRAWL_DURATION
 from core.settings import Settings
-from core.storage import BlobStore
 
 __all__ = ["CrawlProgress", "crawl_site", "known_sites"]
 

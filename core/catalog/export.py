@@ -43,13 +43,13 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.blobs.store import BlobNotFound, BlobStore, blob_store_from_settings
 from core.db.catalog_models import CatalogImage, CrawlRun, Product, ProductImage
 from core.db.engine import make_engine, make_sessionmaker
 from core.db.models import utcnow
 from core.errors import NotFound
 from core.ml.fashion_clip.features import product_text
 from core.settings import get_settings
-from core.storage import BlobNotFound, BlobStore, blob_store_from_settings
 
 log = logging.getLogger("atelier.catalog")
 

@@ -32,9 +32,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.blobs.store import BlobStore
 from core.catalog import store
 from core.db.catalog_models import CatalogImage, ProductImage
-from core.storage import BlobStore
 
 log = logging.getLogger("atelier.catalog")
 

@@ -45,12 +45,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.ml_runtime import offline_quiet_env
+from core.ml.resident import offline_quiet_env
 
 offline_quiet_env()  # before diffusers and open_clip import: nothing is ever downloaded
 
 from core.errors import AtelierError  # noqa: E402
-from core.job_specs import GenerationSpec  # noqa: E402
+from core.jobs.specs import GenerationSpec  # noqa: E402
 from core.ml.fashion_clip.runtime import ClipRuntime  # noqa: E402
 from core.ml.generate import GenerateParams, generate_images  # noqa: E402
 from core.ml.look_eval_catalog import (  # noqa: E402

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from core.job_specs import ProductFilters
+from core.jobs.specs import ProductFilters
 from core.ml import clip_eval
 from core.ml.fashion_clip.finetune import ClipTrainConfig, train_heads
 from core.ml.fashion_clip.model import (

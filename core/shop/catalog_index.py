@@ -24,7 +24,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.catalog.queries import products_by_id
 from core.db.catalog_models import Product
-from core.job_specs import ProductFilters
+from core.jobs.specs import ProductFilters
 from core.shop import feature_store
 from core.shop.vector_index import Hit, ProductIndex
 from core.shop.versions import active_version

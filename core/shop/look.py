@@ -24,7 +24,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.catalog.queries import products_by_id
 from core.db.shop_models import LookItem
-from core.job_specs import ProductFilters
+from core.jobs.specs import ProductFilters
 from core.shop.catalog_index import CatalogIndex, Hit, in_stock_hits
 from core.shop.grounding import GroundedPrompt, GroundingProduct, enrich_prompt
 from core.shop.regions import REGIONS, region_crops

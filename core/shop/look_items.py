@@ -18,7 +18,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core.catalog import queries
 from core.db.catalog_models import CatalogImage, Product
 from core.db.shop_models import LookItem
-from core.job_specs import ProductFilters
+from core.jobs.specs import ProductFilters
 from core.shop.catalog_index import CatalogIndex, in_stock_hits
 from core.shop.regions import REGIONS
 

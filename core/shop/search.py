@@ -20,7 +20,7 @@ import numpy as np
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.errors import InvalidInput
-from core.job_specs import ProductFilters
+from core.jobs.specs import ProductFilters
 from core.shop.catalog_index import CatalogIndex, Hit, in_stock_hits
 
 # How deep a client may page into one ranking: past this, refine the query.

@@ -19,15 +19,15 @@ from pathlib import Path
 from PIL import Image
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.blobs.store import BlobStore
 from core.catalog.images import CatalogImageError, checked_padded
 from core.errors import IndexNotReady, InvalidInput, SearchImageRejected, SearchImageTooLarge
-from core.job_specs import ProductFilters
+from core.jobs.specs import ProductFilters
 from core.settings import Settings
 from core.shop.catalog_index import CatalogIndex, IndexHolder
 from core.shop.onnx_encoder import OnnxClipEncoder
 from core.shop.search import SearchPage, ranked_page
 from core.shop.versions import active_version
-from core.storage import BlobStore
 
 
 class CatalogSearcher:

@@ -12,10 +12,10 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.accounts import create_account_with_key
+from core.blobs.store import blob_store_from_settings
 from core.catalog.crawl import crawl_site
 from core.db.engine import session_scope
 from core.settings import Settings
-from core.storage import blob_store_from_settings
 from fixture_shop import ShopConfig, running_shop
 from tests.e2e.test_look_flow import _finished, _subject, _wait
 

@@ -18,16 +18,16 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.blobs.store import blob_store_from_settings
 from core.db.engine import session_scope
 from core.db.models import Job, JobKind, JobStatus, Lora, Subject
 from core.errors import InvalidInput
-from core.execution import Executor
-from core.generate_job import run_generation
 from core.generations import request_generation
-from core.job_specs import GenerationSpec
+from core.handlers.generate import run_generation
+from core.jobs.execution import Executor
+from core.jobs.specs import GenerationSpec
 from core.ml.profiles import get_profile
 from core.settings import Settings
-from core.storage import blob_store_from_settings
 from core.subjects import lora_key
 from tests.conftest import photo_files
 
@@ -185,7 +185,7 @@ def _random_tiny_lora(settings: Settings) -> bytes:
     from safetensors.torch import save
 
     from core.ml.pipeline import exclusive
-    from core.ml_runtime import forget_resident_loras, resident_pipeline
+    from core.ml.resident import forget_resident_loras, resident_pipeline
 
     pipe = resident_pipeline(settings, TINY)
     config = LoraConfig(

@@ -15,12 +15,12 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.accounts import create_account_with_key
+from core.blobs.store import blob_store_from_settings
 from core.catalog.images import ingest_image, set_product_images
 from core.db.catalog_models import CrawlRun, Product, ProductPrice
 from core.db.engine import session_scope
 from core.db.models import Job, JobStatus, utcnow
 from core.settings import Settings
-from core.storage import blob_store_from_settings
 
 Sessions = async_sessionmaker[AsyncSession]
 T0 = utcnow() - timedelta(days=1)

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.blobs.store import LocalBlobStore
 from core.catalog import store
 from core.catalog.crawl import CrawlProgress, crawl_site
 from core.db.catalog_models import (
@@ -30,7 +31,6 @@ from core.db.engine import session_scope
 from core.db.models import utcnow
 from core.errors import Conflict
 from core.settings import Settings
-from core.storage import LocalBlobStore
 from fixture_shop import ShopConfig, ShopProduct, catalog_at, running_shop, troubles
 
 Sessions = async_sessionmaker[AsyncSession]

@@ -19,13 +19,13 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.blobs.store import BlobStore, blob_store_from_settings
 from core.catalog.export import OWNER_FILE, export_catalog, folder_name, suffixed
 from core.catalog.images import ingest_image, set_product_images
 from core.db.catalog_models import CatalogImage, CrawlRun, Product, ProductImage
 from core.db.engine import session_scope
 from core.db.models import utcnow
 from core.settings import Settings
-from core.storage import BlobStore, blob_store_from_settings
 from tests.conftest import ROOT
 
 Sessions = async_sessionmaker[AsyncSession]

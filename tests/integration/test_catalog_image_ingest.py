@@ -13,10 +13,10 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.blobs.store import LocalBlobStore
 from core.catalog.images import CatalogImageError, ingest_image, set_product_images
 from core.db.catalog_models import CatalogImage, Product, ProductImage
 from core.db.engine import session_scope
-from core.storage import LocalBlobStore
 
 
 def jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (120, 200)) -> bytes:

@@ -19,16 +19,16 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.accounts import create_account_with_key
+from core.blobs.store import blob_store_from_settings
 from core.catalog.crawl import crawl_site
-from core.clip_finetune_job import run_clip_finetune
 from core.db.catalog_models import CatalogImage
 from core.db.engine import session_scope
 from core.db.models import JobKind, JobStatus
 from core.db.shop_models import ClipModel, ClipModelStatus, ProductEmbedding
-from core.ml_runtime import resident_clip_runtime
+from core.handlers.clip_finetune import run_clip_finetune
+from core.ml.resident import resident_clip_runtime
 from core.settings import Settings
 from core.shop import feature_store
-from core.storage import blob_store_from_settings
 from fixture_shop import ShopConfig, running_shop
 from tests.integration.test_shop_the_look import _embed, _run
 

@@ -24,21 +24,21 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core import dispatch
 from core.accounts import SYSTEM_ACCOUNT, create_account_with_key
+from core.blobs.store import blob_store_from_settings
 from core.catalog.crawl import crawl_site
-from core.crawl_job import create_due_crawl_jobs, run_crawl
 from core.db.catalog_models import CrawlRun, CrawlStatus, Product
 from core.db.engine import session_scope
 from core.db.models import Account, Job, JobKind, JobStatus
-from core.execution import Executor
+from core.handlers.crawl import create_due_crawl_jobs, run_crawl
+from core.jobs import scheduling
+from core.jobs.execution import Executor
 from core.settings import Settings
-from core.storage import blob_store_from_settings
 from fixture_shop import ShopConfig, running_shop
 from scheduler.dispatcher import Dispatcher
 from tests.conftest import ROOT
+from transport.queues import CPU_QUEUE, connect
 from worker.cpu import build_cpu_worker
-from worker.queues import CPU_QUEUE, connect
 
 Sessions = async_sessionmaker[AsyncSession]
 SHOP = ShopConfig(products=40, trouble=False)
@@ -80,7 +80,7 @@ def _executor(settings: Settings, sessions: Sessions) -> Executor:
 
 async def _schedule(sessions: Sessions) -> None:
     async with session_scope(sessions) as session:
-        await dispatch.take_dispatchable(session, 10)
+        await scheduling.take_dispatchable(session, 10)
 
 
 async def test_a_crawl_job_runs_on_the_cpu_worker_and_fills_the_catalog(

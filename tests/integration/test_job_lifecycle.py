@@ -13,12 +13,12 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core import dispatch, jobs
 from core.db.engine import session_scope
 from core.db.models import Account, Job, JobKind, JobStatus, Subject
+from core.jobs import scheduling, states
 from core.settings import Settings
 from scheduler.dispatcher import Dispatcher
-from worker.queues import CPU_QUEUE, GPU_QUEUE, connect, message_waiting
+from transport.queues import CPU_QUEUE, GPU_QUEUE, connect, message_waiting
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -38,7 +38,7 @@ async def _job(
 ) -> Job:
     account_id, subject_id = await _account_subject(sessions)
     async with session_scope(sessions) as session:
-        return await jobs.create_job(
+        return await states.create_job(
             session,
             account_id=account_id,
             subject_id=subject_id,
@@ -87,25 +87,26 @@ async def test_dispatch_sends_one_message_per_job(
 async def test_claim_is_exclusive_and_heartbeat_sees_cancel(sessions: Sessions) -> None:
     job = await _job(sessions)
     async with session_scope(sessions) as session:
-        await dispatch.take_dispatchable(session, 10)
+        await scheduling.take_dispatchable(session, 10)
     async with session_scope(sessions) as session:
-        first = await jobs.claim(session, job.id, "w1")
+        first = await states.claim(session, job.id, "w1")
     async with session_scope(sessions) as session:
-        second = await jobs.claim(session, job.id, "w2")
+        second = await states.claim(session, job.id, "w2")
     assert first is not None and first.attempts == 1 and first.worker_id == "w1"
     assert second is None
     async with session_scope(sessions) as session:
-        beat = await jobs.heartbeat(
+        beat = await states.heartbeat(
             session, job.id, "w1", stage="training", progress=0.5, detail={}
         )
     assert beat is False
     async with session_scope(sessions) as session:
-        await jobs.cancel_job(session, first.account_id, job.id)
+        await states.cancel_job(session, first.account_id, job.id)
     async with session_scope(sessions) as session:
-        assert await jobs.heartbeat(session, job.id, "w1", stage="x", progress=0.5, detail={})
+        assert await states.heartbeat(session, job.id, "w1", stage="x", progress=0.5, detail={})
         # Another worker's heartbeat is refused: the job is not theirs.
         assert (
-            await jobs.heartbeat(session, job.id, "w2", stage="x", progress=0.5, detail={}) is None
+            await states.heartbeat(session, job.id, "w2", stage="x", progress=0.5, detail={})
+            is None
         )
 
 
@@ -118,9 +119,9 @@ async def test_dependent_waits_for_its_prerequisite_and_fails_with_it(
     assert await dispatcher.dispatch() == 1  # only the training job
     assert (await _reload(sessions, gen.id)).status == JobStatus.queued
     async with session_scope(sessions) as session:
-        await jobs.claim(session, train.id, "w1")
+        await states.claim(session, train.id, "w1")
     async with session_scope(sessions) as session:
-        await jobs.give_up(
+        await states.give_up(
             session, train.id, "w1", {"code": "x", "detail": "boom"}, retryable=False
         )
     await dispatcher.tick()
@@ -138,9 +139,9 @@ async def test_dependent_runs_after_prerequisite_succeeds(
     dispatcher, arq = await _dispatcher(settings, sessions)
     await dispatcher.dispatch()
     async with session_scope(sessions) as session:
-        await jobs.claim(session, train.id, "w1")
+        await states.claim(session, train.id, "w1")
     async with session_scope(sessions) as session:
-        assert await jobs.complete(session, train.id, "w1", {"ok": True})
+        assert await states.complete(session, train.id, "w1", {"ok": True})
     assert await dispatcher.dispatch() == 1
     assert (await _reload(sessions, gen.id)).status == JobStatus.scheduled
     await arq.aclose()
@@ -155,7 +156,7 @@ async def test_reaper_requeues_then_fails_a_job_whose_worker_died(
     for attempt in (1, 2):
         await dispatcher.dispatch()
         async with session_scope(sessions) as session:
-            assert await jobs.claim(session, job.id, f"w{attempt}")
+            assert await states.claim(session, job.id, f"w{attempt}")
         await dispatcher.reap()
         assert (await _reload(sessions, job.id)).status == JobStatus.running  # fresh heartbeat
         await _age(sessions, job.id, heartbeat_at=stale)

@@ -15,14 +15,14 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.blobs.store import blob_store_from_settings
 from core.db.engine import session_scope
 from core.db.models import Job, JobKind, JobStatus, Lora, Subject
-from core.execution import Executor, Handler
-from core.generate_job import run_generation
+from core.handlers.generate import run_generation
+from core.handlers.train import run_training
+from core.jobs.execution import Executor, Handler
 from core.settings import Settings
-from core.storage import blob_store_from_settings
 from core.subjects import checkpoint_prefix
-from core.train_job import run_training
 from tests.conftest import photo_files
 
 Sessions = async_sessionmaker[AsyncSession]

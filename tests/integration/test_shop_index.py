@@ -20,7 +20,7 @@ from core.db.catalog_models import Product
 from core.db.engine import session_scope
 from core.db.models import Account, utcnow
 from core.db.shop_models import ClipModel, ClipModelStatus, LookItem
-from core.job_specs import ProductFilters
+from core.jobs.specs import ProductFilters
 from core.shop import feature_store
 from core.shop.catalog_index import IndexHolder, in_stock_hits, load_index
 from core.shop.feature_store import ProductImageRow

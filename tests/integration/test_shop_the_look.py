@@ -19,16 +19,16 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.blobs.store import blob_store_from_settings
 from core.catalog.crawl import crawl_site
-from core.catalog_embed_job import run_catalog_embed
 from core.db.catalog_models import Product
 from core.db.engine import session_scope
 from core.db.models import Job, JobKind, JobStatus, Output, utcnow
 from core.db.shop_models import ClipModel, LookItem, ProductEmbedding
-from core.execution import Executor
-from core.generate_job import run_generation
+from core.handlers.catalog_embed import run_catalog_embed
+from core.handlers.generate import run_generation
+from core.jobs.execution import Executor
 from core.settings import Settings
-from core.storage import blob_store_from_settings
 from fixture_shop import ShopConfig, running_shop
 from tests.integration.test_api_generation_params import (
     _give_subject_a_lora,

@@ -19,10 +19,8 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.accounts import create_account_with_key
-from core.catalog.images import ingest_image
-from core.db.engine import session_scope
-from core.settings import Settings
-from core.storage import (
+from core.blobs.s3 import S3BlobStore
+from core.blobs.store import (
     STREAM_CHUNK_BYTES,
     BlobNotFound,
     BlobStore,
@@ -30,7 +28,9 @@ from core.storage import (
     LocalBlobStore,
     blob_store_from_settings,
 )
-from core.storage_s3 import S3BlobStore
+from core.catalog.images import ingest_image
+from core.db.engine import session_scope
+from core.settings import Settings
 from tests.conftest import S3Server
 from tests.integration.generated_rows import add_generated_output
 

@@ -15,7 +15,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 from core.errors import InvalidInput
-from core.job_specs import GenerationSpec
+from core.jobs.specs import GenerationSpec
 from core.ml.checkpoint_identity import (
     SAMPLE_BYTES,
     cached_checkpoint_identity,

@@ -21,8 +21,8 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save
 
-from core import job_specs
 from core.errors import InvalidInput
+from core.jobs import specs
 from core.ml import tiny
 from core.ml.generate import (
     DEFAULT_SCHEDULER,
@@ -43,8 +43,8 @@ from core.ml.lora_cache import (
 )
 from core.ml.pipeline import load_pipeline
 from core.ml.profiles import get_profile
+from core.ml.resident import forget_resident_loras, resident_lora_cache
 from core.ml.train import TrainParams, train_dreambooth_lora
-from core.ml_runtime import forget_resident_loras, resident_lora_cache
 from core.settings import Settings
 from tests.unit.ml_helpers import ignore, never
 
@@ -171,8 +171,8 @@ def fresh_probe(pipe: StableDiffusionPipeline, lora: LoraWeights) -> torch.Tenso
 
 
 def test_scheduler_names_match_the_api() -> None:
-    assert set(SCHEDULERS) == set(job_specs.SCHEDULERS)
-    assert DEFAULT_SCHEDULER == job_specs.DEFAULT_SCHEDULER == "dpmpp_2m"
+    assert set(SCHEDULERS) == set(specs.SCHEDULERS)
+    assert DEFAULT_SCHEDULER == specs.DEFAULT_SCHEDULER == "dpmpp_2m"
 
 
 def test_each_scheduler_is_reproducible_and_they_differ(

@@ -15,6 +15,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from safetensors.torch import load
 
+from core.handlers.train import plan_training
 from core.ml import train_optimizer
 from core.ml.class_images import class_prompt
 from core.ml.generate import instance_prompt
@@ -25,7 +26,6 @@ from core.ml.train_lora import text_encoder_checkpointing
 from core.ml.train_memory import parkable_modules, parked
 from core.ml.train_optimizer import make_optimizer, optimizer_step, parameter_groups
 from core.settings import Settings
-from core.train_job import plan_training
 from tests.unit.ml_helpers import HIGH_LR, ignore, never, random_photos, tiny_train_params
 
 TINY = get_profile("tiny")

@@ -45,10 +45,10 @@ from core.ml.generate import (
 from core.ml.lora_cache import LoraCache, LoraWeights
 from core.ml.pipeline import load_pipeline, resolve_checkpoint
 from core.ml.profiles import PROFILES, get_profile
+from core.ml.resident import resident_lora_cache, resident_pipeline
 from core.ml.train import Canceled, PriorPreservation, TrainParams, train_dreambooth_lora
 from core.ml.train_data import encode_views, sample_example
 from core.ml.train_state import TrainState
-from core.ml_runtime import resident_lora_cache, resident_pipeline
 from core.settings import Settings
 from tests.unit.ml_helpers import ignore, never, random_photos
 

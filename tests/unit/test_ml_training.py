@@ -23,6 +23,15 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from safetensors.torch import load
 
+from core.blobs.store import LocalBlobStore
+from core.handlers.train import (
+    ClassImageSet,
+    _checkpoint_to_resume,
+    _checkpoint_writer,
+    cached_class_images,
+    checkpoint_key,
+    plan_training,
+)
 from core.ml import tiny
 from core.ml.class_images import class_prompt, generate_class_images
 from core.ml.generate import instance_prompt
@@ -40,15 +49,6 @@ from core.ml.train_loss import dreambooth_loss, min_snr_weights
 from core.ml.train_memory import autocast_dtype
 from core.ml.train_state import TrainState
 from core.settings import Settings
-from core.storage import LocalBlobStore
-from core.train_job import (
-    ClassImageSet,
-    _checkpoint_to_resume,
-    _checkpoint_writer,
-    cached_class_images,
-    checkpoint_key,
-    plan_training,
-)
 from tests.unit.ml_helpers import ignore, never, random_photos
 
 TINY = get_profile("tiny")
@@ -418,7 +418,7 @@ def test_crop_jitter_views(pipe: StableDiffusionPipeline) -> None:
     assert len({sample.sum().item() for sample in samples}) == 8
 
 
-# --- checkpoints in the blob store (core/train_job.py) ---------------------------------------
+# --- checkpoints in the blob store (core/handlers/train.py) ---------------------------------------
 
 
 def small_state(step: int, fingerprint: str = "abc") -> TrainState:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.progress import ProgressTracker
+from core.jobs.progress import ProgressTracker
 
 
 class FakeClock:

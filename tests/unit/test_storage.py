@@ -1,4 +1,4 @@
-"""core.storage: the local blob store, its key rules, and choosing a backend."""
+"""core.blobs.store: the local blob store, its key rules, and choosing a backend."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import Settings
-from core.storage import (
+from core.blobs.s3 import S3BlobStore
+from core.blobs.store import (
     STREAM_CHUNK_BYTES,
     BlobNotFound,
     BlobStore,
@@ -16,7 +16,7 @@ from core.storage import (
     blob_store_from_settings,
     check_key,
 )
-from core.storage_s3 import S3BlobStore
+from core.settings import Settings
 
 PHOTO = "subjects/abc/photos/0.png"
 

@@ -30,7 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from core.ml_runtime import offline_quiet_env
+from core.ml.resident import offline_quiet_env
 
 offline_quiet_env()  # before open_clip imports huggingface_hub: nothing is ever downloaded
 

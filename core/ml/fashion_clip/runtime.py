@@ -1,6 +1,6 @@
 """A worker's fashion CLIP: the base loaded once, versions' heads on top of it.
 
-This is what the CLIP jobs and the generate job hold (``core.ml_runtime``): base
+This is what the CLIP jobs and the generate job hold (``core.ml.resident``): base
 features for the feature store, a version's encoder (embeddings of texts and
 images, its heads over stored features, its ONNX export, its state), head
 training over stored features and held-out judging.

@@ -25,7 +25,6 @@ from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core import jobs
 from core.accounts import system_account
 from core.catalog.crawl import CrawlProgress, crawl_site, known_sites
 from core.clip_jobs import after_crawl
@@ -33,7 +32,8 @@ from core.db.catalog_models import CrawlRun, CrawlStatus
 from core.db.engine import session_scope
 from core.db.models import ACTIVE, Job, JobKind
 from core.errors import AtelierError, Canceled, Conflict, ErrorKind, InvalidInput
-from core.execution import JobContext, JobResult
+from core.jobs import states
+from core.jobs.execution import JobContext, JobResult
 from core.settings import Settings
 
 log = logging.getLogger("atelier.jobs.crawl")
@@ -83,7 +83,7 @@ async def create_crawl_job(
             job_id=str(active.id),
             job_status=str(active.status),
         )
-    return await jobs.create_job(
+    return await states.create_job(
         session,
         account_id=account_id,
         kind=JobKind.crawl,

@@ -1,4 +1,4 @@
-"""The scheduler's side of the job state machine (see core/jobs.py for the states).
+"""The scheduler's side of the job state machine (see core/jobs/states.py for the states).
 
 Which jobs to hand out, which can never run, which lost their worker, which lost
 their transport message. Each query locks with SKIP LOCKED or updates
@@ -17,7 +17,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.models import Job, JobStatus, utcnow
-from core.jobs import finish, retry_or_fail
+from core.jobs.states import finish, retry_or_fail
 
 _now = func.now
 

@@ -3,7 +3,7 @@
 Keys are "/"-separated relative paths (``subjects/<uuid>/photos/0.png``). They
 are validated before they touch a filesystem, so a key can never name anything
 outside the store. ``LocalBlobStore`` keeps blobs as files under one root;
-``core.storage_s3.S3BlobStore`` keeps them in an S3 bucket, chosen by the
+``core.blobs.s3.S3BlobStore`` keeps them in an S3 bucket, chosen by the
 ``blob_url`` setting. A "prefix" means whole path segments (``subjects/a``
 covers ``subjects/a/x`` but not ``subjects/ab``), which an object store honours
 by listing ``prefix + "/"``.
@@ -267,7 +267,7 @@ def blob_store_from_settings(s: Settings) -> BlobStore:
     its connection pool."""
     if s.blob_url is None:
         return LocalBlobStore(s.blob_dir)
-    # Imported here: core.storage_s3 builds on this module's types.
-    from core.storage_s3 import S3BlobStore
+    # Imported here: core.blobs.s3 builds on this module's types.
+    from core.blobs.s3 import S3BlobStore
 
     return S3BlobStore.from_settings(s)

@@ -37,12 +37,15 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from core import ml_runtime
+from core.blobs.store import BlobNotFound, BlobStore
 from core.db.models import Job, Lora, Subject
 from core.errors import Canceled
-from core.execution import JobContext, JobResult
-from core.ml_runtime import resident_checkpoint_identity, resident_pipeline
-from core.storage import BlobNotFound, BlobStore
+from core.jobs.execution import JobContext, JobResult
+from core.ml.resident import (
+    forget_resident_loras,
+    resident_checkpoint_identity,
+    resident_pipeline,
+)
 from core.subjects import checkpoint_prefix, get_subject, lora_key, subject_photos
 
 if TYPE_CHECKING:
@@ -267,14 +270,6 @@ async def _instance_sets(
     ]
 
 
-def _forget_resident_loras(pipe: Any) -> None:
-    """Training ends by unloading every adapter of the pipeline: tell the resident
-    LoRA cache (where this build has one) before its adapters vanish."""
-    forget = getattr(ml_runtime, "forget_resident_loras", None)
-    if forget is not None:
-        forget(pipe)
-
-
 async def run_training(ctx: JobContext) -> JobResult:
     from core.ml.profiles import get_profile
     from core.ml.train import subjects_run_fingerprint, train_subjects
@@ -301,7 +296,9 @@ async def run_training(ctx: JobContext) -> JobResult:
         losses.append(loss)
         ctx.progress.step(step, total, loss=loss)
 
-    await ctx.compute(_forget_resident_loras, pipe)
+    # Training ends by unloading every adapter of the pipeline: the resident LoRA
+    # cache forgets them first.
+    await ctx.compute(forget_resident_loras, pipe)
     try:
         lora = await ctx.compute(
             train_subjects,

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Final
 import obstore
 from obstore.store import S3Store
 
+from core.blobs.store import STREAM_CHUNK_BYTES, BlobNotFound, BlobStream, check_key, check_prefix
 from core.settings import Settings
-from core.storage import STREAM_CHUNK_BYTES, BlobNotFound, BlobStream, check_key, check_prefix
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, S3Config

@@ -15,29 +15,19 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.jobs import Job as ArqJob
 from arq.jobs import JobStatus as ArqStatus
 
-from core.db.models import JobKind
+from core.jobs.routing import Pool, pool_of
 
 # One shared queue for GPU workers until placement picks a GPU per job.
 GPU_QUEUE = "atelier:gpu"
 # CPU workers: crawls and CLIP head fine-tuning (later webhooks); no diffusion model.
 CPU_QUEUE = "atelier:cpu"
 RUN_JOB = "run_job"  # the one arq function workers expose
-
-# Which workers run which kind of job. A kind missing here is a bug caught at
-# dispatch (KeyError), not a job silently waiting on a queue nobody reads.
-QUEUE_BY_KIND: dict[JobKind, str] = {
-    JobKind.train: GPU_QUEUE,
-    JobKind.generate: GPU_QUEUE,
-    JobKind.crawl: CPU_QUEUE,
-    # Runs the CLIP towers over new catalog images: a GPU's work.
-    JobKind.catalog_embed: GPU_QUEUE,
-    # Trains heads over stored features (no tower pass): cheap enough for a CPU.
-    JobKind.clip_finetune: CPU_QUEUE,
-}
+QUEUE_BY_POOL: dict[Pool, str] = {Pool.gpu: GPU_QUEUE, Pool.cpu: CPU_QUEUE}
 
 
 def queue_for(kind: str) -> str:
-    return QUEUE_BY_KIND[JobKind(kind)]
+    """The queue of the pool that runs ``kind`` (core/jobs/routing.py)."""
+    return QUEUE_BY_POOL[pool_of(kind)]
 
 
 def redis_settings(url: str) -> RedisSettings:

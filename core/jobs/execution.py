@@ -23,14 +23,14 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core import jobs
+from core.blobs.store import BlobStore
 from core.db.engine import session_scope
 from core.db.models import Job, JobKind, JobStatus
 from core.errors import AtelierError, Canceled, CheckpointMissing, ErrorKind
+from core.jobs import states
+from core.jobs.progress import ProgressTracker
 from core.metrics import JOB_DURATION, JOBS_RUNNING
-from core.progress import ProgressTracker
 from core.settings import Settings
-from core.storage import BlobStore
 
 log = logging.getLogger("atelier.jobs")
 
@@ -86,7 +86,7 @@ class Executor:
     async def execute(self, job_id: uuid.UUID) -> JobStatus | None:
         """Run one attempt of the job; returns its status after, None if skipped."""
         async with session_scope(self.sessions) as session:
-            job = await jobs.claim(session, job_id, self.worker_id)
+            job = await states.claim(session, job_id, self.worker_id)
         if job is None:
             log.info("job %s is not scheduled any more: skipped", job_id)
             return None
@@ -131,19 +131,19 @@ class Executor:
             if taken.is_set():
                 return None
             async with session_scope(self.sessions) as session:
-                ok = await jobs.acknowledge_cancel(session, job.id, self.worker_id)
+                ok = await states.acknowledge_cancel(session, job.id, self.worker_id)
             return JobStatus.canceled if ok else None
         except Exception as exc:  # every failure leaves the job retryable or inspectable
             return await self._record_failure(job, exc)
         async with session_scope(self.sessions) as session:
-            if not await jobs.complete(session, job.id, self.worker_id, done.result):
+            if not await states.complete(session, job.id, self.worker_id, done.result):
                 return None
             session.add_all(done.rows)
         return JobStatus.succeeded
 
     async def _release(self, job: Job) -> None:
         async with session_scope(self.sessions) as session:
-            if await jobs.release(session, job.id, self.worker_id):
+            if await states.release(session, job.id, self.worker_id):
                 log.info("job %s handed back to the queue: worker stopping", job.id)
 
     async def _record_failure(self, job: Job, exc: Exception) -> JobStatus | None:
@@ -158,7 +158,7 @@ class Executor:
             error = {"code": "internal", "detail": f"{type(exc).__name__}: {exc}"}
         error["attempt"] = job.attempts
         async with session_scope(self.sessions) as session:
-            return await jobs.give_up(session, job.id, self.worker_id, error, retryable=retryable)
+            return await states.give_up(session, job.id, self.worker_id, error, retryable=retryable)
 
     async def _heartbeat(self, ctx: JobContext, taken: asyncio.Event) -> None:
         job = ctx.job
@@ -166,7 +166,7 @@ class Executor:
             snap = ctx.progress.snapshot()
             try:
                 async with session_scope(self.sessions) as session:
-                    cancel = await jobs.heartbeat(
+                    cancel = await states.heartbeat(
                         session,
                         job.id,
                         self.worker_id,

@@ -19,7 +19,9 @@ import logging
 import uuid
 from typing import Any
 
-from core.clip_catalog import (
+from core.db.engine import session_scope
+from core.db.shop_models import ClipModel
+from core.handlers.clip_catalog import (
     delete_encoder,
     ensure_image_features,
     ensure_text_features,
@@ -27,10 +29,8 @@ from core.clip_catalog import (
     onnx_prefix,
     write_index_rows,
 )
-from core.db.engine import session_scope
-from core.db.shop_models import ClipModel
-from core.execution import JobContext, JobResult
-from core.ml_runtime import resident_clip_runtime
+from core.jobs.execution import JobContext, JobResult
+from core.ml.resident import resident_clip_runtime
 from core.shop import feature_store
 from core.shop.versions import active_version, create_base_version
 

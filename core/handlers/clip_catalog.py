@@ -23,7 +23,7 @@ from sqlmodel import col, select
 from core.db.catalog_models import CatalogImage, Product
 from core.db.engine import session_scope
 from core.db.shop_models import ClipModel
-from core.execution import JobContext
+from core.jobs.execution import JobContext
 from core.shop import feature_store
 from core.shop.feature_store import text_sha256
 

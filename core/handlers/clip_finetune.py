@@ -27,7 +27,12 @@ from sqlalchemy import delete
 from sqlmodel import col, select
 
 from core.catalog.queries import products_by_id
-from core.clip_catalog import (
+from core.clip_jobs import ClipFinetuneSpec
+from core.db.catalog_models import CrawlRun
+from core.db.engine import session_scope
+from core.db.shop_models import ClipModel, ProductEmbedding
+from core.errors import Conflict
+from core.handlers.clip_catalog import (
     delete_encoder,
     ensure_image_features,
     ensure_text_features,
@@ -39,13 +44,8 @@ from core.clip_catalog import (
     version_encoder,
     write_index_rows,
 )
-from core.clip_jobs import ClipFinetuneSpec
-from core.db.catalog_models import CrawlRun
-from core.db.engine import session_scope
-from core.db.shop_models import ClipModel, ProductEmbedding
-from core.errors import Conflict
-from core.execution import JobContext, JobResult
-from core.ml_runtime import resident_clip_runtime
+from core.jobs.execution import JobContext, JobResult
+from core.ml.resident import resident_clip_runtime
 from core.shop import feature_store
 from core.shop.versions import activate_if_better, active_version
 

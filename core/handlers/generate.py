@@ -18,13 +18,13 @@ from typing import Any
 
 from PIL import Image
 
-from core.clip_catalog import version_encoder
 from core.db.models import Output
 from core.db.shop_models import ClipModel, LookItem
 from core.errors import Conflict
-from core.execution import JobContext, JobResult
-from core.job_specs import GenerationSpec, generation_spec_of
-from core.ml_runtime import (
+from core.handlers.clip_catalog import version_encoder
+from core.jobs.execution import JobContext, JobResult
+from core.jobs.specs import GenerationSpec, generation_spec_of
+from core.ml.resident import (
     resident_catalog_index,
     resident_clip_runtime,
     resident_lora_cache,
