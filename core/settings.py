@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     # ~0.2 ms) and parsed LoRAs in host RAM (512 MiB is ~80 SD 1.5 rank-8 LoRAs).
     lora_max_resident: int = Field(4, ge=1)
     lora_host_mib: int = Field(512, ge=0)
+    # The third tier: LoRA files on the worker's local disk (LRU by bytes; 4 GiB is
+    # ~640 SD 1.5 rank-8 LoRAs). A LoRA in any local tier is never fetched again.
+    lora_disk_dir: Path = Path("var/lora-cache")
+    lora_disk_mib: int = Field(4096, ge=0)
     # torch.compile the UNet and hotswap LoRAs into one slot (no recompilation per
     # user). Compiling costs minutes at the first generation; it pays off on GPUs.
     compile_unet: bool = False
