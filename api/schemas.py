@@ -39,6 +39,9 @@ class TrainIn(BaseModel):
         " its own token; every subject of the run gets the LoRA (at most"
         " ATELIER_MAX_SUBJECTS_PER_RUN subjects in all)",
     )
+    profile: str | None = Field(
+        None, description="model profile (default ATELIER_PROFILE; any of ATELIER_PROFILES)"
+    )
 
 
 class OutputOut(BaseModel):

@@ -13,13 +13,19 @@ and shapes training exports), and side by side:
       from the state dict;
   (c) from host RAM with ``load_lora_weights(..., hotswap=True)`` (the compile path);
   (d) from a safetensors file on disk: stock ``load_lora_weights(dir, weight_name)``,
-      and the file's bytes through the cache (read, sha256, parse, copy);
+      the file's bytes through the cache (read, sha256, parse, copy), and the cache's
+      own disk tier, with the file in the page cache and read from the device
+      (bench/lora_disk_tier.py);
   (e) reloading the whole pipeline (``from_pretrained``, and with its weights touched
       once, since safetensors maps the file and pages it in on first use).
 
-    .venv/bin/python -m bench.lora_switch [--repeats 15] [--reloads 3]
+Then the disk tier's bookkeeping (a write after a blob-store fetch, an inventory
+scan of 640 files) and, from one 512 px generation with ``--steps`` denoising
+steps, what share of a step, an image and a look each switch is.
 
-Prints a table and writes bench/results/lora_switch.json.
+    .venv/bin/python -m bench.lora_switch [--repeats 15] [--reloads 3] [--steps 4]
+
+Prints the tables and writes bench/results/lora_switch.json.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from bench.results_file import write_result
 from core.ml.resident import offline_quiet_env
@@ -52,6 +60,7 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save  # noqa: E402
 
+from bench import lora_disk_tier  # noqa: E402
 from bench.sd15_checkpoint import DEFAULT_PATH, build  # noqa: E402
 from core.ml.lora_cache import LoraCache, LoraWeights, SwapMode  # noqa: E402
 from core.ml.pipeline import load_pipeline  # noqa: E402
@@ -181,19 +190,14 @@ def reloads(path: Path, repeats: int) -> tuple[list[float], list[float]]:
     return bare, touched
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.lora_switch")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--reloads", type=int, default=3)
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_PATH)
-    args = parser.parse_args()
+Runs = dict[str, list[float]]
 
-    load_before = os.getloadavg()
-    checkpoint = build(args.checkpoint)
-    pipe = load_pipeline(checkpoint, "cpu", "float32")
-    loras = make_loras(pipe, LORAS)
-    lora_bytes = len(loras[0].data or b"")
-    runs: dict[str, list[float]] = {}
+
+def measure(
+    pipe: StableDiffusionPipeline, loras: list[LoraWeights], checkpoint: Path, args: Any
+) -> tuple[Runs, Runs]:
+    """Every way's switch times, and the disk tier's bookkeeping times."""
+    runs: Runs = {}
     with tempfile.TemporaryDirectory(dir=checkpoint.parent) as folder:
         files = []
         for index, lora in enumerate(loras):
@@ -219,9 +223,28 @@ def main() -> None:
         )
         runs["(d) disk: stock load_lora_weights(file)"] = from_file_stock(pipe, files, args.repeats)
         runs["(d) disk: file bytes through the cache"] = from_file_cache(pipe, files, args.repeats)
-    load_after = os.getloadavg()
-    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        for cold, name in ((False, "page cache"), (True, "device")):
+            runs[f"(d) disk tier: local + activate, from the {name}"] = (
+                lora_disk_tier.disk_tier_switches(
+                    pipe, loras, Path(folder) / f"tier-{cold}", RESIDENT, args.repeats, cold
+                )
+            )
+        bookkeeping = {
+            "put after a blob fetch": lora_disk_tier.disk_puts(
+                loras, Path(folder) / "puts", args.repeats
+            ),
+            f"inventory scan, {lora_disk_tier.INVENTORY_FILES} files": (
+                lora_disk_tier.inventory_scans(Path(folder) / "scan", args.repeats)
+            ),
+        }
+    return runs, bookkeeping
 
+
+def print_tables(
+    runs: Runs, bookkeeping: Runs, run: lora_disk_tier.Denoising | None, args: Any, lora_bytes: int
+) -> dict[str, dict[str, float]]:
+    """The switch table, the disk tier's bookkeeping, and each switch's share of a
+    generation; returns the shares."""
     reload = statistics.median(runs["(e) full reload: from_pretrained"])
     medians = {name: statistics.median(times) for name, times in runs.items()}
     print(
@@ -234,6 +257,35 @@ def main() -> None:
         speed_up = reload / median
         digits = 0 if speed_up >= 10 else 1
         print(f"{name:<52}{median * 1000:>10.2f}{median / reload:>11.4f}{speed_up:>9.{digits}f}x")
+    print("\nDisk tier bookkeeping (ms)")
+    for name, times in bookkeeping.items():
+        print(f"{name:<52}{statistics.median(times) * 1000:>10.2f}")
+    if run is None:
+        return {}
+    compared = ("(a) resident: cache", "(b) host RAM: cache", "(d) disk")
+    return lora_disk_tier.print_share(
+        {n: t for n, t in medians.items() if n.startswith(compared)}, run
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.lora_switch")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--reloads", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps timed (0: none)")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_PATH)
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()
+    checkpoint = build(args.checkpoint)
+    pipe = load_pipeline(checkpoint, "cpu", "float32")
+    loras = make_loras(pipe, LORAS)
+    lora_bytes = len(loras[0].data or b"")
+    runs, bookkeeping = measure(pipe, loras, checkpoint, args)
+    run = lora_disk_tier.denoising(pipe, loras[0], args.steps) if args.steps > 1 else None
+    load_after = os.getloadavg()
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    shares = print_tables(runs, bookkeeping, run, args, lora_bytes)
     print(f"\npeak RSS {peak_rss_gib:.1f} GiB; load average {load_before[0]:.1f} before, "
           f"{load_after[0]:.1f} after")  # fmt: skip
     write_result(
@@ -250,8 +302,11 @@ def main() -> None:
             "loras": LORAS,
             "peak_rss_gib": round(peak_rss_gib, 2),
             "load_average_before_after": [load_before[0], load_after[0]],
-            "median_s": medians,
+            "median_s": {name: statistics.median(times) for name, times in runs.items()},
             "runs_s": runs,
+            "disk_tier_bookkeeping_s": bookkeeping,
+            "denoising": asdict(run) if run is not None else None,
+            "switch_share": shares,
         },
     )
 

@@ -114,3 +114,12 @@ class IndexNotReady(AtelierError):
 
 class Canceled(Exception):
     """Raised inside a running job when it must stop at the next step."""
+
+
+class OutOfDeviceMemory(AtelierError):
+    """A job needed more GPU memory than its device had: the job is placed again on
+    a larger GPU (once), never retried on the same one."""
+
+    kind = ErrorKind.unavailable
+    code = "out-of-device-memory"
+    title = "Out of GPU memory"

@@ -21,7 +21,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core.db.models import Job, JobKind, Output, Subject
 from core.errors import InvalidInput, NotFound
 from core.jobs import states
-from core.jobs.specs import GenerationSpec
+from core.jobs.specs import GenerationSpec, served_profile
 from core.settings import Settings
 from core.subjects import get_subject, latest_lora, subject_photos
 
@@ -69,12 +69,13 @@ async def request_training(
     *,
     steps: int | None = None,
     with_subjects: list[uuid.UUID] | None = None,
+    profile: str | None = None,
     idempotency_key: str | None = None,
 ) -> Job:
     run = await _run_subjects(session, settings, account_id, subject_id, with_subjects or [])
     if steps is not None and not 1 <= steps <= settings.max_train_steps:
         raise InvalidInput(f"steps must be 1-{settings.max_train_steps}", field="steps")
-    params: dict[str, Any] = {"profile": settings.profile}
+    params: dict[str, Any] = {"profile": served_profile(profile, settings)}
     if steps is not None:
         params["steps"] = steps
     if len(run) > 1:

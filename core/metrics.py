@@ -61,3 +61,42 @@ CRAWL_DURATION = Histogram(
     "atelier_crawl_duration_seconds", "Duration of whole crawls, by site and outcome",
     ["site", "outcome"], buckets=_CRAWL_BUCKETS,
 )  # fmt: skip
+
+# --- the GPU fleet (scheduler: placement; GPU workers: their own device) --------------
+_TICK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+PLACEMENTS = Counter(
+    "atelier_placements_total",
+    "GPU placements by reason (affinity-lora-vram/-host/-disk, affinity-base, fit, next, too-big)",
+    ["reason"],
+)
+QUEUE_DEPTH = Gauge(
+    "atelier_queue_depth", "Jobs waiting to be placed or sent, by kind and priority",
+    ["kind", "priority"],
+)  # fmt: skip
+QUEUE_WAIT = Histogram(
+    "atelier_queue_wait_seconds",
+    "From runnable to placed, by kind",
+    ["kind"],
+    buckets=_JOB_BUCKETS,
+)
+SCHEDULER_TICK = Histogram(
+    "atelier_scheduler_tick_seconds", "One scheduler tick (place, dispatch, reap, reconcile)",
+    buckets=_TICK_BUCKETS,
+)  # fmt: skip
+GPU_VRAM = Gauge(
+    "atelier_gpu_vram_bytes",
+    "Per-GPU device memory as its worker published it: total, free, and reserved (the "
+    "peaks of the jobs running or placed on it)",
+    ["worker", "state"],
+)
+WORKERS_GONE = Counter("atelier_workers_gone_total", "GPU workers whose heartbeat stopped")
+OOM_RETRIES = Counter(
+    "atelier_oom_retries_total", "Attempts that ran out of device memory, by what followed",
+    ["outcome"],
+)  # fmt: skip
+LORA_CACHE = Counter(
+    "atelier_lora_cache_total",
+    "A GPU worker's LoRA lookups by the tier that served them (vram, host, disk: hit; "
+    "blob: miss) and LoRAs evicted because their subject was erased (all: erased)",
+    ["tier", "event"],
+)

@@ -40,12 +40,19 @@ class Settings(BaseSettings):
     public_base_url: str = "http://127.0.0.1:8000"
 
     # --- models -----------------------------------------------------------------
+    # The default profile, and the others this deployment also serves: a request
+    # may name any of them; a GPU worker loads each base pipeline on demand and
+    # evicts the least recently used one when its VRAM requires.
     profile: str = "tiny"
+    profiles: list[str] = Field(default_factory=list)
     # Where checkpoints live: <models_dir>/<profile> unless model_path names one.
     models_dir: Path = Path("var/models")
     model_path: Path | None = None
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # The GPU worker's device memory (set from its --vram): the budget its resident
+    # base pipelines share (0 = never evict one).
+    device_vram_bytes: int = Field(0, ge=0)
     # Steps for a training job when the request does not say (0 = the profile's).
     train_steps: int = Field(0, ge=0)
     # LoRA cache of a worker: adapters resident in the pipeline (each costs its
@@ -109,6 +116,20 @@ class Settings(BaseSettings):
     # once it has been scheduled for this long without a worker claiming it.
     reconcile_grace_s: float = 5.0
     worker_concurrency: int = Field(1, ge=1)
+    # --- GPU placement (core/fleet) ----------------------------------------------------
+    # Expected peak VRAM and seconds per job shape, corrected online by finished jobs.
+    cost_table: Path = Path(__file__).resolve().parent / "fleet" / "cost_table.json"
+    # VRAM a GPU keeps free beside a job's expected peak (CUDA context, fragmentation).
+    placement_margin_mib: int = Field(1024, ge=0)
+    # Each aging_s waited is worth one priority level; generations start 10 ahead.
+    placement_aging_s: float = Field(60.0, gt=0)
+    placement_interactive_bonus: float = Field(10.0, ge=0)
+    # While others wait, one account holds at most this share of the fleet's GPUs.
+    placement_fair_share: float = Field(0.5, gt=0, le=1)
+    # A busy GPU holding a generation's LoRA is worth waiting this long for.
+    placement_affinity_wait_s: float = Field(10.0, ge=0)
+    # Queued GPU jobs one placement round considers.
+    placement_max_pending: int = Field(1000, ge=1)
     # Prometheus ports of the worker and scheduler processes (0 = off).
     worker_metrics_port: int = 9101
     scheduler_metrics_port: int = 9102
@@ -200,6 +221,11 @@ class Settings(BaseSettings):
     # Uploaded search images: bytes and pixels (decided from the header).
     max_search_image_bytes: int = 10 * MiB
     max_search_query_chars: int = 200
+
+    @property
+    def served_profiles(self) -> list[str]:
+        """The default profile first, then the others served, each once."""
+        return list(dict.fromkeys([self.profile, *self.profiles]))
 
 
 @lru_cache

@@ -165,6 +165,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         redis_url=TEST_REDIS_URL,
         blob_dir=blobs,
         models_dir=tmp_path_factory.getbasetemp() / "models",
+        lora_disk_dir=tmp_path_factory.mktemp("lora-cache"),
         profile="tiny",
         train_steps=8,
         heartbeat_interval_s=0.5,

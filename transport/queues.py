@@ -17,17 +17,27 @@ from arq.jobs import JobStatus as ArqStatus
 
 from core.jobs.routing import Pool, pool_of
 
-# One shared queue for GPU workers until placement picks a GPU per job.
-GPU_QUEUE = "atelier:gpu"
-# CPU workers: crawls and CLIP head fine-tuning (later webhooks); no diffusion model.
+# Each GPU worker reads its own queue, GPU_QUEUE_PREFIX + its worker id: the
+# scheduler sends a GPU job only to the worker it placed it on, and only what that
+# worker can start now or next, so arq's FIFO never decides the order.
+GPU_QUEUE_PREFIX = "atelier:gpu:"
+# CPU workers share one queue: crawls and CLIP head fine-tuning; no diffusion model.
 CPU_QUEUE = "atelier:cpu"
 RUN_JOB = "run_job"  # the one arq function workers expose
-QUEUE_BY_POOL: dict[Pool, str] = {Pool.gpu: GPU_QUEUE, Pool.cpu: CPU_QUEUE}
 
 
-def queue_for(kind: str) -> str:
-    """The queue of the pool that runs ``kind`` (core/jobs/routing.py)."""
-    return QUEUE_BY_POOL[pool_of(kind)]
+def gpu_queue(worker_id: str) -> str:
+    return GPU_QUEUE_PREFIX + worker_id
+
+
+def queue_of(kind: str, placed_on: str | None) -> str:
+    """Where a job's message goes: its worker's queue for a GPU job (placed first),
+    the shared queue for a CPU one (core/jobs/routing.py says which is which)."""
+    if pool_of(kind) is Pool.cpu:
+        return CPU_QUEUE
+    if placed_on is None:
+        raise ValueError(f"a {kind} job is sent only once it is placed on a GPU worker")
+    return gpu_queue(placed_on)
 
 
 def redis_settings(url: str) -> RedisSettings:
@@ -44,13 +54,13 @@ def new_message_id(job_id: uuid.UUID) -> str:
     return f"atelier:{job_id}:{secrets.token_hex(4)}"
 
 
-async def send(redis: ArqRedis, job_id: uuid.UUID, message_id: str, queue: str = GPU_QUEUE) -> bool:
+async def send(redis: ArqRedis, job_id: uuid.UUID, message_id: str, queue: str) -> bool:
     """Put the job on the queue; False if a message with that id is already there."""
     sent = await redis.enqueue_job(RUN_JOB, str(job_id), _job_id=message_id, _queue_name=queue)
     return sent is not None
 
 
-async def message_waiting(redis: ArqRedis, message_id: str, queue: str = GPU_QUEUE) -> bool:
+async def message_waiting(redis: ArqRedis, message_id: str, queue: str) -> bool:
     """Whether the message still waits in the queue for a worker to take it.
 
     A message a worker has taken ("in progress") does not count: a worker claims

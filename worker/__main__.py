@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import threading
@@ -23,7 +24,10 @@ from types import FrameType
 from arq.worker import Worker
 from prometheus_client import start_http_server
 
+from core.fleet.device import DeclaredDevice
+from core.fleet.device import Device as DeviceMemory
 from core.fleet.workers import parse_bytes
+from core.ml.holdings import gpu_inventory
 from core.ml.resident import offline_quiet_env, warm_up
 from core.settings import Settings, get_settings
 from worker.app import Device, build_worker
@@ -39,6 +43,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     gpu.add_argument("--device", default=None, help="torch device (default: ATELIER_DEVICE)")
     gpu.add_argument("--name", default="rtx4090", help="GPU model this worker is, or stands in for")
     gpu.add_argument("--vram", default="24GiB", help="memory the device offers, e.g. 24GiB")
+    gpu.add_argument(
+        "--oom-above",
+        default=None,
+        help="dev and tests, CPU hosts only: fail jobs whose expected peak VRAM exceeds "
+        "this as a GPU out of memory would (a device with less usable memory than declared)",
+    )
     gpu.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     gpu.add_argument(
         "--metrics-port", type=int, default=None, help="Prometheus port (default: settings)"
@@ -53,7 +63,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_gpu_worker(settings: Settings, device: Device, burst: bool) -> None:
+def device_memory(settings: Settings, device: Device, oom_above: str | None) -> DeviceMemory:
+    """The device the job machinery measures: the real one on CUDA, the declared
+    one on a CPU host standing in for a GPU."""
+    if settings.device.startswith("cuda"):
+        if oom_above is not None:
+            raise SystemExit(
+                "--oom-above simulates a GPU on a CPU host; a real one runs out itself"
+            )
+        from core.ml.device_memory import CudaDevice
+
+        return CudaDevice(settings.device, device.vram_bytes)
+    usable = parse_bytes(oom_above) if oom_above is not None else None
+    return DeclaredDevice(device.vram_bytes, usable)
+
+
+def run_gpu_worker(
+    settings: Settings, device: Device, burst: bool, memory: DeviceMemory | None = None
+) -> None:
     runner = MainThreadRunner()
     made: list[Worker] = []
     crashed: list[BaseException] = []
@@ -63,7 +90,15 @@ def run_gpu_worker(settings: Settings, device: Device, burst: bool) -> None:
         try:
             made.append(
                 build_worker(
-                    settings, device, compute=runner.run, burst=burst, handle_signals=False
+                    settings,
+                    device,
+                    compute=runner.run,
+                    burst=burst,
+                    handle_signals=False,
+                    memory=memory,
+                    inventory=functools.partial(gpu_inventory, settings, memory)
+                    if memory
+                    else None,
                 )
             )
             ready.set()
@@ -119,8 +154,10 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(settings.torch_threads)
     device = Device(name=args.name, device=settings.device, vram_bytes=parse_bytes(args.vram))
+    settings = settings.model_copy(update={"device_vram_bytes": device.vram_bytes})
+    memory = device_memory(settings, device, args.oom_above)
     warm_up(settings)
-    run_gpu_worker(settings, device, args.burst)
+    run_gpu_worker(settings, device, args.burst, memory)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from core.db.engine import session_scope
 from core.db.models import JobKind
 from core.handlers.clip_finetune import run_clip_finetune
 from core.handlers.crawl import create_due_crawl_jobs, run_crawl
+from core.jobs.routing import Pool
 from core.settings import Settings
 from transport.queues import CPU_QUEUE
 from worker.app import Device, build_worker
@@ -61,6 +62,7 @@ def build_cpu_worker(
     return build_worker(
         settings,
         CPU_DEVICE,
+        pool=Pool.cpu,
         queue=CPU_QUEUE,
         handlers={JobKind.crawl: run_crawl, JobKind.clip_finetune: run_clip_finetune},
         cron_jobs=periodic_crawl(settings),

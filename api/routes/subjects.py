@@ -82,6 +82,7 @@ async def train_subject(
         subject_id,
         steps=body.steps if body else None,
         with_subjects=body.with_subjects if body else None,
+        profile=body.profile if body else None,
         idempotency_key=idempotency_key,
     )
     return JobOut.of(job)

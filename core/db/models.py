@@ -171,6 +171,14 @@ class Job(SQLModel, table=True):
     attempts: int = 0
     max_attempts: int = 3
     worker_id: str | None = None
+    # GPU jobs: the worker the scheduler placed the current attempt on, and why
+    # (reason, the cost it placed by, the job's shape); cleared when requeued.
+    placed_on: str | None = Field(default=None, index=True)
+    placement: dict[str, Any] | None = Field(default=None, sa_type=JSONB)
+    # The peak device memory the successful attempt measured (the declared cost on
+    # a CPU host), and the least VRAM a GPU needs after an out-of-memory.
+    peak_vram_bytes: int | None = Field(default=None, sa_type=BigInteger)
+    vram_floor_bytes: int = Field(default=0, sa_type=BigInteger)
     # The transport's message id for the current dispatch (arq job id).
     transport_id: str | None = None
     cancel_requested: bool = False
@@ -208,9 +216,32 @@ class Worker(SQLModel, table=True):
 
     id: str = Field(primary_key=True)
     name: str
+    pool: str = Field(default="gpu", sa_type=String(8))  # core.jobs.routing.Pool
     device: str
     vram_bytes: int = Field(default=0, sa_type=BigInteger)
     queue: str
+    # The inventory a GPU worker publishes with each heartbeat: free device memory,
+    # the base pipelines it holds (profile names), the LoRAs (sha256) in each cache
+    # tier ({"vram": [...], "host": [...], "disk": [...]}) and when its running job
+    # is expected to end.
+    vram_free_bytes: int | None = Field(default=None, sa_type=BigInteger)
+    profiles: list[str] = Field(default_factory=list, sa_type=JSONB)
+    loras: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)
+    busy_until: datetime | None = _when()
     started_at: datetime = _created()
     last_seen: datetime = _created()
     stopped_at: datetime | None = _when()
+    # Set by the scheduler when the heartbeat stopped: never placed on again.
+    gone_at: datetime | None = _when()
+
+
+class JobCostRow(SQLModel, table=True):
+    """What finished jobs of one shape measured (core.fleet.costs.ObservedCost)."""
+
+    __tablename__ = "job_cost"
+    shape: str = Field(primary_key=True)
+    samples: int
+    seconds_per_unit: float
+    peak_vram_bytes: int = Field(sa_type=BigInteger)
+    oom_floor_bytes: int = Field(default=0, sa_type=BigInteger)
+    updated_at: datetime = _created()

@@ -45,7 +45,6 @@ class Reason(StrEnum):
     lora_disk = "affinity-lora-disk"  # ...as a file on the worker's disk
     base = "affinity-base"  # the GPU holds the job's base pipeline
     fit = "fit"  # best fit among idle GPUs
-    next = "next"  # queued behind the running job of a busy GPU
     too_big = "too-big"  # no GPU of the fleet can hold it: refused
 
 
@@ -96,6 +95,14 @@ class GpuView:
         return next((i for i, tier in enumerate(tiers) if lora in tier), len(tiers))
 
 
+# Seconds to get a LoRA in place from each tier, and from the blob store when no tier
+# holds it: docs/benchmarks.md's LoRA switching figures (resident adapter ~0.2 ms,
+# host RAM ~2 ms, disk ~20 ms, a blob-store fetch ~0.3 s).
+LORA_LOAD_S = (0.0002, 0.002, 0.02, 0.3)
+# Loading a base pipeline a GPU does not hold (SD 1.5-size from local disk, a few s).
+PIPELINE_LOAD_S = 6.0
+
+
 @dataclass(frozen=True)
 class PlacementPolicy:
     safety_margin_bytes: int = GIB  # CUDA context, allocator slack, fragmentation
@@ -104,7 +111,9 @@ class PlacementPolicy:
     interactive_bonus: float = 10.0  # ten minutes of a training's aging
     fair_share: float = 0.5
     affinity_wait_s: float = 10.0
-    queue_next: bool = True
+    queue_next: bool = True  # may a generation wait behind the busy GPU holding its LoRA
+    lora_load_s: tuple[float, float, float, float] = LORA_LOAD_S
+    pipeline_load_s: float = PIPELINE_LOAD_S
 
 
 @dataclass(frozen=True)
@@ -141,23 +150,13 @@ class _Class:
 
     vram_total: int
     profiles: frozenset[str]
-    idle: list[tuple[str, _Slot]] = field(default_factory=list)  # heap by worker id
-    busy: list[tuple[float, str, _Slot]] = field(default_factory=list)  # by free time
+    # A heap by worker id (the position breaks ties between equal ids).
+    idle: list[tuple[str, int, _Slot]] = field(default_factory=list)
 
     def first_idle(self) -> _Slot | None:
-        while self.idle and not self.idle[0][1].idle:
+        while self.idle and not self.idle[0][2].idle:
             heapq.heappop(self.idle)  # taken since it was pushed
-        return self.idle[0][1] if self.idle else None
-
-    def first_queueable(self) -> _Slot | None:
-        while self.busy and not _still_queueable(self.busy[0]):
-            heapq.heappop(self.busy)
-        return self.busy[0][2] if self.busy else None
-
-
-def _still_queueable(entry: tuple[float, str, _Slot]) -> bool:
-    until, _, slot = entry
-    return slot.can_queue and (slot.busy_until or 0.0) == until
+        return self.idle[0][2] if self.idle else None
 
 
 @dataclass
@@ -167,45 +166,42 @@ class _Round:
     classes: list[_Class]
     holders: dict[str, list[_Slot]]  # LoRA -> GPUs holding it in any tier
     held: Counter[str]  # GPUs per account (running or queued next)
-    open_slots: int  # idle GPUs, plus busy ones that may take a next job
+    idle_slots: int
 
     @classmethod
-    def start(cls, gpus: list[GpuView], now: float, policy: PlacementPolicy) -> _Round:
+    def start(
+        cls, gpus: list[GpuView], needed: set[str], now: float, policy: PlacementPolicy
+    ) -> _Round:
+        """The round's view of the fleet: GPUs in classes, and the holders of the
+        LoRAs the waiting jobs need (only those: a GPU may hold hundreds)."""
         classes: dict[tuple[int, frozenset[str]], _Class] = {}
         holders: dict[str, list[_Slot]] = {}
         held: Counter[str] = Counter()
         state = cls(policy, now, [], holders, held, 0)
-        for gpu in gpus:
+        for position, gpu in enumerate(gpus):
             key = (gpu.vram_total_bytes, gpu.profiles)
             group = classes.setdefault(key, _Class(gpu.vram_total_bytes, gpu.profiles))
             slot = _Slot(gpu, group, gpu.running_account, gpu.next_account, gpu.busy_until)
-            state.enlist(slot)
-            for lora in gpu.loras_vram | gpu.loras_host | gpu.loras_disk:
-                holders.setdefault(lora, []).append(slot)
+            if slot.idle:
+                heapq.heappush(group.idle, (gpu.worker_id, position, slot))
+                state.idle_slots += 1
+            for tier in (gpu.loras_vram, gpu.loras_host, gpu.loras_disk):
+                for lora in needed.intersection(tier):
+                    holders.setdefault(lora, []).append(slot)
             held.update(a for a in (gpu.running_account, gpu.next_account) if a is not None)
         state.classes = sorted(classes.values(), key=lambda c: c.vram_total)
         return state
 
-    def enlist(self, slot: _Slot) -> None:
-        group = slot.group
-        if slot.idle:
-            heapq.heappush(group.idle, (slot.gpu.worker_id, slot))
-            self.open_slots += 1
-        elif slot.can_queue and self.policy.queue_next:
-            until = slot.busy_until if slot.busy_until is not None else self.now
-            slot.busy_until = until
-            heapq.heappush(group.busy, (until, slot.gpu.worker_id, slot))
-            self.open_slots += 1
+    def setup_s(self, slot: _Slot, job: PendingJob) -> float:
+        """Seconds before ``job`` can start computing on ``slot``'s GPU once it is free."""
+        lora = self.policy.lora_load_s[slot.gpu.lora_tier(job.lora)] if job.lora else 0.0
+        base = 0.0 if job.profile in slot.gpu.profiles else self.policy.pipeline_load_s
+        return lora + base
 
     def start_on(self, slot: _Slot, job: PendingJob) -> None:
         slot.running = job.id
         slot.busy_until = self.now + job.cost.seconds
-        self.open_slots -= 1
-        self.enlist(slot)  # busy now: it may take a next job
-
-    def queue_on(self, slot: _Slot, job: PendingJob) -> None:
-        slot.next = job.id
-        self.open_slots -= 1
+        self.idle_slots -= 1
 
 
 def need_bytes(job: PendingJob, policy: PlacementPolicy) -> int:
@@ -226,10 +222,11 @@ def place(
     policy: PlacementPolicy | None = None,
 ) -> list[Placement]:
     """Where each job that can be placed this round goes (jobs absent from the
-    result wait for a later round). Each job appears at most once; each GPU gets at
-    most one job to start now, and one queued next behind its running job."""
+    result wait for a later round). Each job appears at most once; each idle GPU
+    gets at most one job to start now, and a busy one at most one queued next."""
     policy = policy or PlacementPolicy()
-    state = _Round.start(gpus, now, policy)
+    needed = {job.lora for job in pending if job.lora is not None}
+    state = _Round.start(gpus, needed, now, policy)
     largest = max((g.vram_total_bytes for g in gpus), default=0)
     cap = max(1, math.floor(len(gpus) * policy.fair_share))
     order = sorted(pending, key=lambda j: (-score(j, now, policy), j.waiting_since, j.id))
@@ -240,8 +237,8 @@ def place(
         need = need_bytes(job, policy)
         if gpus and need > largest:
             placed: Placement | None = Placement(job.id, None, Reason.too_big)
-        elif state.open_slots == 0:
-            continue  # the fleet is full, but a later job may still be too big
+        elif state.idle_slots == 0 and not (policy.queue_next and job.lora in state.holders):
+            continue  # nothing can take it now; a later job may still be too big
         elif state.held[job.account] >= cap and total_waiting > waiting[job.account]:
             continue  # fair share: others wait
         else:
@@ -256,39 +253,41 @@ def place(
 
 
 def _place_one(job: PendingJob, need: int, state: _Round) -> Placement | None:
-    fitting = [c for c in state.classes if c.vram_total >= need]
-    held = [s for s in state.holders.get(job.lora or "", []) if s.gpu.vram_total_bytes >= need]
-    idle_holders = [s for s in held if s.idle]
-    if idle_holders:
-        slot = min(idle_holders, key=lambda s: _preference(s, job, need))
-        state.start_on(slot, job)
-        return Placement(job.id, slot.gpu.worker_id, _reason(slot, job))
-    # A busy GPU holding the LoRA and freeing soon beats an idle one without it.
+    holders = [s for s in state.holders.get(job.lora or "", []) if s.gpu.vram_total_bytes >= need]
+    idle = [s for s in holders if s.idle]
+    idle += [s for c in state.classes if c.vram_total >= need and (s := c.first_idle())]
+    best = min(idle, key=lambda s: _preference(s, job, need, state), default=None)
+    if state.policy.queue_next:
+        waited = _worth_waiting_for(holders, job, best, state)
+        if waited is not None:
+            waited.next = job.id
+            return Placement(job.id, waited.gpu.worker_id, _reason(waited, job), starts_now=False)
+    if best is None:
+        return None
+    state.start_on(best, job)
+    return Placement(job.id, best.gpu.worker_id, _reason(best, job))
+
+
+def _worth_waiting_for(
+    holders: list[_Slot], job: PendingJob, best: _Slot | None, state: _Round
+) -> _Slot | None:
+    """A busy GPU holding the job's LoRA where it starts sooner, wait included, than
+    on the best idle GPU; None when there is none."""
     horizon = state.now + state.policy.affinity_wait_s
-    soon = [s for s in held if state.policy.queue_next and s.can_queue
-            and (s.busy_until or state.now) <= horizon]  # fmt: skip
-    if soon:
-        slot = min(soon, key=lambda s: _preference(s, job, need))
-        state.queue_on(slot, job)
-        return Placement(job.id, slot.gpu.worker_id, _reason(slot, job), starts_now=False)
-    idle = [(c, s) for c in fitting if (s := c.first_idle()) is not None]
-    if idle:
-        _, slot = min(idle, key=lambda cs: _preference(cs[1], job, need))
-        state.start_on(slot, job)
-        return Placement(job.id, slot.gpu.worker_id, _reason(slot, job))
-    queueable = [s for c in fitting if (s := c.first_queueable()) is not None]
-    if queueable:
-        slot = min(queueable, key=lambda s: (s.busy_until or state.now, _preference(s, job, need)))
-        state.queue_on(slot, job)
-        return Placement(job.id, slot.gpu.worker_id, Reason.next, starts_now=False)
-    return None
+    busy = [s for s in holders if s.can_queue and (s.busy_until or state.now) <= horizon]
+    if not busy:
+        return None
+    soonest = min(busy, key=lambda s: (s.busy_until or state.now) + state.setup_s(s, job))
+    wait = (soonest.busy_until or state.now) - state.now + state.setup_s(soonest, job)
+    if best is not None and wait >= state.setup_s(best, job):
+        return None
+    return soonest
 
 
-def _preference(slot: _Slot, job: PendingJob, need: int) -> tuple[int, int, int, str]:
-    """Smaller is better: LoRA tier, base pipeline held, leftover VRAM, a stable id."""
-    base = 0 if job.profile in slot.gpu.profiles else 1
+def _preference(slot: _Slot, job: PendingJob, need: int, state: _Round) -> tuple[float, int, str]:
+    """Smaller is better: setup seconds, leftover VRAM, a stable id."""
     leftover = slot.gpu.vram_total_bytes - need
-    return (slot.gpu.lora_tier(job.lora), base, leftover, slot.gpu.worker_id)
+    return (state.setup_s(slot, job), leftover, slot.gpu.worker_id)
 
 
 def _reason(slot: _Slot, job: PendingJob) -> Reason:

@@ -18,12 +18,14 @@ from typing import Any
 
 from PIL import Image
 
-from core.db.models import Output
+from core.db.models import Lora, Output
 from core.db.shop_models import ClipModel, LookItem
 from core.errors import Conflict
+from core.fleet.measurement import expected_peak
 from core.handlers.clip_catalog import version_encoder
 from core.jobs.execution import JobContext, JobResult
 from core.jobs.specs import GenerationSpec, generation_spec_of
+from core.metrics import LORA_CACHE
 from core.ml.resident import (
     resident_catalog_index,
     resident_clip_runtime,
@@ -100,6 +102,21 @@ async def _match(
     return matched
 
 
+async def _subject_lora(ctx: JobContext, cache: Any, lora_row: Lora) -> Any:
+    """The LoRA to generate with: from the worker's own tiers when one holds it
+    (resident, host RAM, disk: the blob store is not read), else the blob's bytes,
+    which the cache checks against the row's sha256 and keeps on disk."""
+    from core.ml.lora_cache import LoraWeights
+
+    local = await ctx.compute(cache.local, lora_row.sha256)
+    if local is not None:
+        tier = "disk" if local.from_disk else "vram" if cache.adapter_name(local.sha256) else "host"
+        LORA_CACHE.labels(tier=tier, event="hit").inc()
+        return local
+    LORA_CACHE.labels(tier="blob", event="miss").inc()
+    return LoraWeights(lora_row.sha256, await ctx.store.get(lora_row.blob_key))
+
+
 async def _fashion_clip(ctx: JobContext) -> tuple[CatalogIndex | None, Any]:
     """The catalog index and the encoder of its version; (None, None) before the
     catalog was first embedded."""
@@ -164,7 +181,6 @@ async def _save(
 
 async def run_generation(ctx: JobContext) -> JobResult:
     from core.ml.generate import GenerateParams, generate_images, subject_prompt
-    from core.ml.lora_cache import LoraWeights
     from core.ml.profiles import get_profile
 
     job = ctx.job
@@ -177,9 +193,9 @@ async def run_generation(ctx: JobContext) -> JobResult:
         lora_row = await latest_lora(session, subject.id, profile.name)
     if lora_row is None:
         raise Conflict(f"subject {subject.id} has no LoRA for profile {profile.name}")
-    lora = await ctx.store.get(lora_row.blob_key)
-    pipe = await ctx.compute(resident_pipeline, ctx.settings, profile)
+    pipe = await ctx.compute(resident_pipeline, ctx.settings, profile, expected_peak(ctx.job))
     cache = resident_lora_cache(ctx.settings, pipe, profile)
+    lora = await _subject_lora(ctx, cache, lora_row)
     index, clip = await _fashion_clip(ctx)
     ctx.raise_if_stopped()
     clock.lap("load")
@@ -210,7 +226,7 @@ async def run_generation(ctx: JobContext) -> JobResult:
         pipe,
         # The cache is keyed by the sha recorded at training; a blob whose bytes
         # no longer match it fails the job rather than generating from them.
-        LoraWeights(lora_row.sha256, lora),
+        lora,
         params,
         on_step=lambda done, total: ctx.progress.step(done, total),
         should_stop=ctx.stop.is_set,

@@ -40,10 +40,12 @@ from PIL import Image
 from core.blobs.store import BlobNotFound, BlobStore
 from core.db.models import Job, Lora, Subject
 from core.errors import Canceled
+from core.fleet.measurement import expected_peak
 from core.jobs.execution import JobContext, JobResult
 from core.ml.resident import (
     forget_resident_loras,
     resident_checkpoint_identity,
+    resident_lora_cache,
     resident_pipeline,
 )
 from core.subjects import checkpoint_prefix, get_subject, lora_key, subject_photos
@@ -282,7 +284,7 @@ async def run_training(ctx: JobContext) -> JobResult:
     run = await _load_subjects(ctx)
     subjects = [subject for subject, _ in run]
     owner = subjects[0].id  # the job's subject: its checkpoints live under its prefix
-    pipe = await ctx.compute(resident_pipeline, ctx.settings, profile)
+    pipe = await ctx.compute(resident_pipeline, ctx.settings, profile, expected_peak(ctx.job))
     ctx.raise_if_stopped()
     sets = await _instance_sets(ctx, pipe, profile, plan.class_images, run)
     key = checkpoint_key(owner, job.id)
@@ -318,7 +320,22 @@ async def run_training(ctx: JobContext) -> JobResult:
             await ctx.store.delete_prefix(checkpoint_prefix(owner, job.id))
         raise
     ctx.progress.stage("saving", start=_LOAD + _CLASS + _TRAIN, weight=1 - _LOAD - _CLASS - _TRAIN)
-    return await _save(ctx, subjects, profile, steps, lora, losses, resume, plan)
+    result = await _save(ctx, subjects, profile, steps, lora, losses, resume, plan)
+    # The user's looks come next, placed where their LoRA is hot: this GPU.
+    sha256 = hashlib.sha256(lora).hexdigest()
+    await ctx.compute(_keep_hot, ctx.settings, pipe, profile, sha256, lora)
+    return result
+
+
+def _keep_hot(settings: Settings, pipe: Any, profile: Profile, sha256: str, lora: bytes) -> None:
+    """Put the trained LoRA in this worker's cache (a resident adapter, disabled)."""
+    from core.ml.lora_cache import LoraWeights
+    from core.ml.pipeline import exclusive
+
+    cache = resident_lora_cache(settings, pipe, profile)
+    with exclusive(pipe):
+        cache.activate(LoraWeights(sha256, lora))
+        cache.deactivate()
 
 
 async def _save(

@@ -27,6 +27,9 @@ from core.blobs.store import BlobStore
 from core.db.engine import session_scope
 from core.db.models import Job, JobKind, JobStatus
 from core.errors import AtelierError, Canceled, CheckpointMissing, ErrorKind
+from core.fleet.device import Device, is_out_of_memory
+from core.fleet.measurement import expected_peak, out_of_memory, record_measurement
+from core.fleet.workers import Inventory, touch_worker
 from core.jobs import states
 from core.jobs.progress import ProgressTracker
 from core.metrics import JOB_DURATION, JOBS_RUNNING
@@ -82,6 +85,14 @@ class Executor:
     worker_id: str
     handlers: dict[JobKind, Handler]
     compute: Compute = asyncio.to_thread
+    # A GPU worker's device: measured peaks, out-of-memory handling (None on CPU workers).
+    device: Device | None = None
+    # The attempt running now, for the worker's published inventory.
+    current: JobContext | None = None
+    # What the worker holds (GPU workers): published with each outcome too, so the
+    # scheduler places what follows a job (a look after its training) on what it
+    # left behind, without waiting for the next heartbeat.
+    inventory: Callable[[], Inventory] | None = None
 
     async def execute(self, job_id: uuid.UUID) -> JobStatus | None:
         """Run one attempt of the job; returns its status after, None if skipped."""
@@ -104,9 +115,11 @@ class Executor:
         started = time.monotonic()
         JOBS_RUNNING.inc()
         log.info("job %s %s: attempt %d started", job.id, job.kind, job.attempts)
+        self.current = ctx
         try:
             outcome = await self._run(ctx, taken)
         finally:
+            self.current = None
             beat.cancel()
             JOBS_RUNNING.dec()
         label = outcome.value if outcome else "taken"
@@ -119,7 +132,11 @@ class Executor:
 
     async def _run(self, ctx: JobContext, taken: asyncio.Event) -> JobStatus | None:
         job = ctx.job
+        started = time.monotonic()
         try:
+            if self.device is not None:
+                self.device.reset_peak()
+                self.device.check_fits(expected_peak(job))
             done = await self.handlers[JobKind(job.kind)](ctx)
         except asyncio.CancelledError:
             # The worker is stopping (SIGTERM, deploy): hand the job back now
@@ -134,11 +151,18 @@ class Executor:
                 ok = await states.acknowledge_cancel(session, job.id, self.worker_id)
             return JobStatus.canceled if ok else None
         except Exception as exc:  # every failure leaves the job retryable or inspectable
+            if self.device is not None and is_out_of_memory(exc):
+                async with session_scope(self.sessions) as session:
+                    return await out_of_memory(session, job, self.worker_id, self.device)
             return await self._record_failure(job, exc)
         async with session_scope(self.sessions) as session:
             if not await states.complete(session, job.id, self.worker_id, done.result):
                 return None
             session.add_all(done.rows)
+            if self.device is not None:
+                await record_measurement(session, job, self.device, time.monotonic() - started)
+            if self.inventory is not None:
+                await touch_worker(session, self.worker_id, self.inventory())
         return JobStatus.succeeded
 
     async def _release(self, job: Job) -> None:

@@ -8,10 +8,11 @@ conditionally, so several schedulers can run at once.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import func, or_, update
+from sqlalchemy import func, or_, true, update
 from sqlalchemy.orm import aliased
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -49,12 +50,13 @@ async def fail_blocked_dependents(session: AsyncSession) -> int:
     return len(rows)
 
 
-async def take_dispatchable(session: AsyncSession, limit: int) -> list[Job]:
-    """Mark up to ``limit`` runnable queued jobs ``scheduled`` and return them.
-
-    Runnable: no prerequisite, or one that succeeded. SKIP LOCKED lets several
-    schedulers run without handing out a job twice.
-    """
+async def take_dispatchable(
+    session: AsyncSession, limit: int, kinds: Sequence[str] | None = None
+) -> list[Job]:
+    """Mark up to ``limit`` runnable queued jobs (of ``kinds``, default all) ``scheduled``
+    and return them. Runnable: no prerequisite, or one that succeeded. SKIP LOCKED
+    lets several schedulers run without handing out a job twice. (GPU jobs are
+    placed instead: core.fleet.placing.)"""
     parent = aliased(Job)
     query = (
         select(Job)
@@ -62,6 +64,7 @@ async def take_dispatchable(session: AsyncSession, limit: int) -> list[Job]:
         .where(
             col(Job.status) == JobStatus.queued.value,
             or_(col(Job.depends_on).is_(None), col(parent.status) == JobStatus.succeeded.value),
+            col(Job.kind).in_(kinds) if kinds is not None else true(),
         )
         .order_by(col(Job.priority).desc(), col(Job.created_at))
         .limit(limit)
@@ -125,3 +128,12 @@ async def replace_transport_id(
         .returning(col(Job.id))
     )
     return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def set_transport_ids(session: AsyncSession, ids: dict[uuid.UUID, str]) -> None:
+    """The message id of each job's dispatch, written before the message is sent."""
+    for job_id, message_id in ids.items():
+        job = await session.get(Job, job_id)
+        assert job is not None
+        job.transport_id = message_id
+    await session.flush()

@@ -107,14 +107,14 @@ class GenerationSpec(BaseModel):
     )
     filters: ProductFilters = Field(default_factory=ProductFilters)
     profile: str | None = Field(
-        None, description="model profile; this deployment serves ATELIER_PROFILE only"
+        None,
+        description="model profile (default ATELIER_PROFILE; any of ATELIER_PROFILES too); "
+        "the subject's LoRA for it is trained first when it has none",
     )
 
     def resolve(self, settings: Settings) -> GenerationSpec:
         """Check the spec against the deployment's limits and fill every default."""
-        profile = get_profile(settings.profile)
-        if self.profile not in (None, profile.name):
-            raise InvalidInput(f"this deployment serves profile {profile.name!r}", field="profile")
+        profile = get_profile(served_profile(self.profile, settings))
         if self.num_images > settings.max_images:
             raise InvalidInput(f"num_images must be 1-{settings.max_images}", field="num_images")
         seed = self.seed if self.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4]) >> 1
@@ -162,6 +162,18 @@ def generation_spec_of(job: Job) -> GenerationSpec:
     """A generate job's spec as its row holds it (rows from before the spec carried
     no subject_id in their params; the column has it)."""
     return GenerationSpec.model_validate({"subject_id": job.subject_id, **job.params})
+
+
+def served_profile(requested: str | None, settings: Settings) -> str:
+    """The profile a request runs on: the one it names if this deployment serves it,
+    else the default."""
+    served = settings.served_profiles
+    if requested is not None and requested not in served:
+        raise InvalidInput(
+            f"this deployment serves the profiles {', '.join(served)}, not {requested!r}",
+            field="profile",
+        )
+    return requested or settings.profile
 
 
 def normalized_prompt(prompt: str, settings: Settings, field: str = "prompt") -> str:

@@ -138,6 +138,13 @@ def finish(job: Job, status: JobStatus, *, stage: str, error: dict[str, Any] | N
     JOBS_FINISHED.labels(kind=JobKind(job.kind).value, outcome=status.value).inc()
 
 
+def unplace(job: Job) -> None:
+    """Back in the queue, the job's next attempt is placed afresh."""
+    job.status = JobStatus.queued.value  # type: ignore[assignment]
+    job.worker_id = job.placed_on = job.placement = job.transport_id = None
+    job.updated_at = utcnow()
+
+
 def retry_or_fail(job: Job, error: dict[str, Any]) -> JobStatus:
     """Back to the queue while attempts remain, else failed; canceled if asked."""
     if job.cancel_requested:
@@ -149,11 +156,9 @@ def retry_or_fail(job: Job, error: dict[str, Any]) -> JobStatus:
         }
         finish(job, JobStatus.failed, stage="failed", error=error)
     else:
-        job.status = JobStatus.queued.value  # type: ignore[assignment]
+        unplace(job)
         job.stage = "retrying"
         job.error = error  # kept for inspection while the next attempt runs
-        job.worker_id = None
-        job.updated_at = utcnow()
     return JobStatus(job.status)
 
 
@@ -262,13 +267,36 @@ async def release(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> b
     job = await _owned_job(session, job_id, worker_id)
     if job is None:
         return False
-    job.status = JobStatus.queued.value  # type: ignore[assignment]
+    unplace(job)
     job.stage = "requeued: worker stopped"
     job.attempts -= 1
-    job.worker_id = None
-    job.updated_at = utcnow()
     await session.flush()
     return True
+
+
+async def requeue_after_out_of_memory(
+    session: AsyncSession, job_id: uuid.UUID, worker_id: str, vram_total_bytes: int
+) -> JobStatus | None:
+    """The attempt ran out of device memory on a GPU of ``vram_total_bytes``: back to
+    the queue once, for a larger GPU only, without spending an attempt; a second
+    out-of-memory fails the job. None if the job is no longer this worker's."""
+    job = await _owned_job(session, job_id, worker_id)
+    if job is None:
+        return None
+    detail = f"ran out of device memory on a GPU of {vram_total_bytes / 2**30:.1f} GiB"
+    if job.vram_floor_bytes:
+        detail += ", after an earlier out-of-memory: not retried again"
+    error = {"code": "out-of-device-memory", "detail": detail, "vram_total_bytes": vram_total_bytes}
+    if job.vram_floor_bytes:
+        finish(job, JobStatus.failed, stage="failed", error=error)
+    else:
+        unplace(job)
+        job.stage = "requeued: out of device memory"
+        job.attempts -= 1
+        job.error = error
+        job.vram_floor_bytes = vram_total_bytes + 1  # strictly larger GPUs only
+    await session.flush()
+    return JobStatus(job.status)
 
 
 async def acknowledge_cancel(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> bool:

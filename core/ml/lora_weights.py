@@ -1,5 +1,6 @@
-"""What a LoRA is to the cache: its bytes and sha256, its parsed tensors, and
-which parameters of a pipeline's adapter slot those tensors fill."""
+"""What a LoRA is to the cache: its bytes and sha256, its parsed tensors (and the
+host-RAM tier that keeps them), and which parameters of a pipeline's adapter
+slot those tensors fill."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import json
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,6 +18,8 @@ import torch
 from core.errors import InvalidInput
 
 if TYPE_CHECKING:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     from core.ml.families import Pipeline
 
 StateDict = dict[str, torch.Tensor]
@@ -42,11 +46,14 @@ class LoraWeights:
     """A LoRA as core hands it over: its safetensors bytes and their sha256.
 
     ``data`` may be None when the caller knows the cache holds ``sha256``
-    (``LoraCache.contains``); a miss then raises ``LoraNotCached``.
+    (``LoraCache.local``); a miss then raises ``LoraNotCached``. ``from_disk``:
+    ``data`` was read from the disk tier, which checked it against ``sha256``, so
+    it is neither hashed nor written back again.
     """
 
     sha256: str
     data: bytes | None
+    from_disk: bool = False
 
     @classmethod
     def of(cls, data: bytes) -> LoraWeights:
@@ -61,6 +68,7 @@ class LoraNotCached(KeyError):
 class CacheStats:
     resident_hits: int = 0
     host_hits: int = 0
+    disk_hits: int = 0  # LoRAs parsed from the disk tier's bytes
     parsed: int = 0  # bytes parsed into a state dict (host-tier misses)
     loads: int = 0  # load_lora_weights calls that created a slot
     copies: int = 0  # LoRAs copied into an existing slot
@@ -68,10 +76,61 @@ class CacheStats:
     resident_evictions: int = 0
     host_evictions: int = 0
     wipes_detected: int = 0  # slots found gone from the pipeline (training unloaded them)
+    erased: int = 0  # LoRAs removed by evict()
 
 
 def state_dict_nbytes(state: StateDict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+class HostTier:
+    """Parsed state dicts by sha256 in host RAM, least recently used first out once
+    their total passes ``max_bytes``; one larger than the whole budget is not kept.
+    Not locked: its ``LoraCache`` holds its own lock around every call."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[str, tuple[StateDict, int]] = OrderedDict()
+
+    def __contains__(self, sha256: object) -> bool:
+        return sha256 in self._entries
+
+    def shas(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, sha256: str) -> StateDict | None:
+        """The state dict, marked most recently used; None if not held."""
+        entry = self._entries.get(sha256)
+        if entry is None:
+            return None
+        self._entries.move_to_end(sha256)
+        return entry[0]
+
+    def keep(self, sha256: str, state: StateDict) -> int:
+        """Hold ``state``; return how many others were evicted for it."""
+        nbytes = state_dict_nbytes(state)
+        if nbytes > self.max_bytes:
+            return 0
+        self.drop(sha256)
+        self._entries[sha256] = (state, nbytes)
+        self.nbytes += nbytes
+        evicted = 0
+        while self.nbytes > self.max_bytes:
+            _, (_, freed) = self._entries.popitem(last=False)
+            self.nbytes -= freed
+            evicted += 1
+        return evicted
+
+    def drop(self, sha256: str) -> bool:
+        entry = self._entries.pop(sha256, None)
+        if entry is not None:
+            self.nbytes -= entry[1]
+        return entry is not None
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
 
 
 def parse_lora(data: bytes) -> StateDict:
@@ -243,3 +302,84 @@ def slot_parameter_names(
                 return None
             named[f"{component}.{key.removesuffix('.weight')}.{slot}.weight"] = value
     return named or None
+
+
+def tuner_layers(pipe: Pipeline) -> list[BaseTunerLayer]:
+    """The peft LoRA layers of the pipeline's LoRA-loadable models."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers: list[BaseTunerLayer] = []
+    for component in pipe._lora_loadable_modules:
+        model = getattr(pipe, component, None)
+        if isinstance(model, torch.nn.Module):
+            layers.extend(m for m in model.modules() if isinstance(m, BaseTunerLayer))
+    return layers
+
+
+def slot_parameters(pipe: Pipeline, slot: str) -> dict[str, torch.nn.Parameter]:
+    """Adapter ``slot``'s parameters, keyed ``"<component>.<parameter name>"``."""
+    marker = f".{slot}."
+    return {
+        f"{component}.{name}": param
+        for component in pipe._lora_loadable_modules
+        if isinstance(model := getattr(pipe, component, None), torch.nn.Module)
+        for name, param in model.named_parameters()
+        if marker in name
+    }
+
+
+def parameters_nbytes(params: dict[str, torch.nn.Parameter]) -> int:
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def copy_into_slot(targets: dict[str, torch.nn.Parameter], source: StateDict | None) -> bool:
+    """Copy ``source`` (``slot_parameter_names``' keys) into a slot's parameters;
+    False, copying nothing, unless they match name for name and shape for shape."""
+    if source is None or source.keys() != targets.keys():
+        return False
+    if any(source[name].shape != param.shape for name, param in targets.items()):
+        return False
+    with torch.no_grad():
+        for name, param in targets.items():
+            param.copy_(source[name])
+    return True
+
+
+def freeze_slot(layers: list[BaseTunerLayer], slot: str) -> None:
+    """Loading marks a new adapter trainable; generation wants no grads."""
+    for layer in layers:
+        for attribute in layer.adapter_layer_names:
+            weights = getattr(layer, attribute, None)
+            if weights is not None and slot in weights:
+                weights[slot].requires_grad_(False)
+
+
+class AdapterSwitch:
+    """Makes ``slot`` the one adapter every LoRA layer applies.
+
+    ``pipe.set_adapters([slot])`` (and peft's per-layer ``set_adapter``) also
+    switches requires_grad on the weights of every adapter of every layer, which
+    is nearly all of its cost (10-20 ms among 8 adapters on SD 1.5, CPU) and means
+    nothing under the pipeline's no_grad. This sets what those calls set for
+    inference, the layer's active-adapter list, and checks once per layer list
+    (``verified`` False after the list changed) that peft still reads it;
+    otherwise it takes peft's way from then on.
+    """
+
+    def __init__(self) -> None:
+        self.direct = True
+        self.verified = False
+
+    def apply(self, layers: list[BaseTunerLayer], slot: str) -> None:
+        for layer in layers:
+            if layer.disable_adapters:
+                layer.enable_adapters(True)
+        if self.direct and all(hasattr(layer, "_active_adapter") for layer in layers[:1]):
+            for layer in layers:
+                layer._active_adapter = [slot]
+            if not self.verified:
+                self.verified = all(layer.active_adapters == [slot] for layer in layers)
+                self.direct = self.verified
+        if not self.direct:
+            for layer in layers:
+                layer.set_adapter(slot, inference_mode=True)

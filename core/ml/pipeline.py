@@ -12,8 +12,10 @@ import json
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, overload
 
@@ -21,7 +23,7 @@ import torch
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
 from core.errors import CheckpointMissing, InvalidInput
-from core.ml.families import MODEL_INDEX, Family, Pipeline, get_family
+from core.ml.families import MODEL_INDEX, Family, Pipeline, family_of, get_family
 from core.ml.profiles import PROFILES, Profile, get_profile
 
 if TYPE_CHECKING:
@@ -165,26 +167,93 @@ def exclusive(pipe: Pipeline) -> Iterator[None]:
         yield
 
 
-class ResidentPipelines:
-    """Pipelines loaded once per process, keyed by (path, device, dtype, family)."""
+@dataclass
+class _Held:
+    pipe: Pipeline
+    profile: str
+    nbytes: int
 
-    def __init__(self) -> None:
-        self._pipelines: dict[tuple[str, str, str, str], Pipeline] = {}
+
+def pipeline_bytes(pipe: Pipeline) -> int:
+    """The bytes of every weight of the pipeline's models."""
+    family = family_of(pipe)
+    return sum(
+        p.numel() * p.element_size()
+        for module in family.modules(pipe).values()
+        for p in module.parameters()
+    )
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """What loading a checkpoint will take, before it is loaded: its weight files'
+    sizes (an upper bound when it is loaded in a smaller dtype than stored)."""
+    weights = (".safetensors", ".bin")
+    return sum(f.stat().st_size for f in path.rglob("*") if f.suffix in weights and f.is_file())
+
+
+class ResidentPipelines:
+    """Base pipelines loaded once per process, keyed by (path, device, dtype, family),
+    least recently used first. With a ``budget_bytes`` (the device's memory), loading
+    one evicts the least recently used others until the new one, plus the memory the
+    job asks to keep free, fits; ``on_evict`` is told of each pipeline dropped."""
+
+    def __init__(
+        self, budget_bytes: int = 0, on_evict: Callable[[Pipeline], None] | None = None
+    ) -> None:
+        self._held: OrderedDict[tuple[str, str, str, str], _Held] = OrderedDict()
+        self._budget = budget_bytes
+        self._on_evict = on_evict
         # Held while loading too, so two threads never load the same model twice.
         self._lock = threading.Lock()
 
-    def get(self, path: Path, device: str, dtype: str, family: str = DEFAULT_FAMILY) -> Pipeline:
+    def get(
+        self,
+        path: Path,
+        device: str,
+        dtype: str,
+        family: str = DEFAULT_FAMILY,
+        *,
+        profile: str = "",
+        job_peak_bytes: int = 0,
+    ) -> Pipeline:
+        """The pipeline, loaded if need be, with room made for a job whose expected
+        peak (its pipeline included) is ``job_peak_bytes``."""
         key = (str(Path(path).resolve()), device, dtype, family)
         with self._lock:
-            pipe = self._pipelines.get(key)
-            if pipe is None:
+            held = self._held.get(key)
+            own = held.nbytes if held else checkpoint_bytes(Path(key[0]))
+            self._make_room(key, max(own, job_peak_bytes))
+            if held is None:
                 pipe = load_pipeline(Path(key[0]), device, dtype, family)
-                self._pipelines[key] = pipe
-            return pipe
+                held = _Held(pipe, profile, pipeline_bytes(pipe))
+                self._held[key] = held
+            self._held.move_to_end(key)
+            return held.pipe
+
+    def _make_room(self, keep: tuple[str, str, str, str], needed: int) -> None:
+        """Evict the least recently used pipelines but ``keep`` until ``needed`` fits."""
+        if not self._budget:
+            return
+        while True:
+            others = [k for k in self._held if k != keep]
+            if not others or sum(self._held[k].nbytes for k in others) + needed <= self._budget:
+                return
+            evicted = self._held.pop(others[0])
+            if self._on_evict is not None:
+                self._on_evict(evicted.pipe)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the evicted weights back to the device
+
+    def held_bytes(self) -> int:
+        return sum(h.nbytes for h in self._held.values())
+
+    def held(self) -> list[tuple[str, int]]:
+        """(profile, bytes) of each pipeline held, least recently used first."""
+        return [(h.profile, h.nbytes) for h in list(self._held.values())]
 
     def clear(self) -> None:
         with self._lock:
-            self._pipelines.clear()
+            self._held.clear()
 
 
 def download(profile: Profile, to: Path | None) -> Path:

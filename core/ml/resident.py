@@ -11,11 +11,18 @@ from typing import TYPE_CHECKING, Any
 from core.settings import MiB, Settings
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Collection, Iterable
+
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+    from sqlmodel.ext.asyncio.session import AsyncSession
+
+    from core.ml.lora_disk import LoraDiskCache, LoraInventory
     from core.ml.profiles import Profile
 
 _resident: Any = None
 _lora_caches: dict[int, Any] = {}
 _lora_caches_guard = threading.Lock()
+_lora_disks: dict[tuple[Path, int], LoraDiskCache] = {}
 _clip_runtime: Any = None
 _index_holder: Any = None
 
@@ -36,15 +43,35 @@ def _checkpoint_path(settings: Settings, profile: Profile) -> Path:
     return resolve_checkpoint(profile, settings.models_dir, model_path)
 
 
-def resident_pipeline(settings: Settings, profile: Profile) -> Any:
-    """Load (first call) or return this process's pipeline for the profile."""
+def resident_pipeline(settings: Settings, profile: Profile, job_peak_bytes: int = 0) -> Any:
+    """Load (first call) or return this process's pipeline for the profile. The least
+    recently used others are evicted while the device's memory (``device_vram_bytes``)
+    cannot hold them beside a job whose expected peak is ``job_peak_bytes``."""
     global _resident
     from core.ml.pipeline import ResidentPipelines
 
     if _resident is None:
-        _resident = ResidentPipelines()
+        _resident = ResidentPipelines(settings.device_vram_bytes, on_evict=_forget_pipeline)
     path = _checkpoint_path(settings, profile)
-    return _resident.get(path, settings.device, settings.dtype, profile.family)
+    return _resident.get(
+        path,
+        settings.device,
+        settings.dtype,
+        profile.family,
+        profile=profile.name,
+        job_peak_bytes=job_peak_bytes,
+    )
+
+
+def _forget_pipeline(pipe: Any) -> None:
+    """An evicted pipeline's LoRA cache goes with it (it holds the pipeline)."""
+    with _lora_caches_guard:
+        _lora_caches.pop(id(pipe), None)
+
+
+def held_pipelines() -> list[tuple[str, int]]:
+    """(profile, bytes) of the base pipelines this process holds, least recent first."""
+    return _resident.held() if _resident is not None else []
 
 
 def resident_checkpoint_identity(settings: Settings, profile: Profile) -> str:
@@ -56,9 +83,11 @@ def resident_checkpoint_identity(settings: Settings, profile: Profile) -> str:
 
 
 def resident_lora_cache(settings: Settings, pipe: Any, profile: Profile) -> Any:
-    """The ``LoraCache`` of a resident pipeline (created on first use)."""
+    """The ``LoraCache`` of a resident pipeline (created on first use), its disk tier
+    the settings' (``resident_lora_disk``)."""
     from core.ml.lora_cache import LoraCache
 
+    disk = resident_lora_disk(settings)
     with _lora_caches_guard:
         cache = _lora_caches.get(id(pipe))
         if cache is None or cache.pipe is not pipe:
@@ -71,7 +100,90 @@ def resident_lora_cache(settings: Settings, pipe: Any, profile: Profile) -> Any:
                 target_rank=profile.lora_rank,
             )
             _lora_caches[id(pipe)] = cache
+        # The same object every call in a worker; tests pass settings of their own.
+        cache.disk = disk
         return cache
+
+
+def resident_lora_disk(settings: Settings) -> LoraDiskCache:
+    """This process's disk tier over ``lora_disk_dir`` (swept on first use: see
+    ``core.ml.lora_disk``); with ``lora_disk_mib`` 0 it holds nothing."""
+    from core.ml.lora_disk import LoraDiskCache
+
+    key = (settings.lora_disk_dir.resolve(), settings.lora_disk_mib * MiB)
+    with _lora_caches_guard:
+        disk = _lora_disks.get(key)
+        if disk is None:
+            disk = _lora_disks[key] = LoraDiskCache(*key)
+        return disk
+
+
+def _lora_cache_list() -> list[Any]:
+    with _lora_caches_guard:
+        return list(_lora_caches.values())
+
+
+def lora_inventory(settings: Settings) -> LoraInventory:
+    """What this worker holds in every LoRA tier, for its heartbeat: the resident
+    and host tiers of each pipeline's cache, and the disk tier. Waits for a LoRA
+    switch in progress: call it off the event loop (``asyncio.to_thread``)."""
+    inventory = resident_lora_disk(settings).inventory()
+    for cache in _lora_cache_list():
+        inventory = inventory.merged(cache.inventory(with_disk=False))
+    return inventory
+
+
+def evict_loras(settings: Settings, shas: Iterable[str]) -> list[str]:
+    """Remove these LoRAs from every tier of this worker (the adapters, the state
+    dicts, the files); return the sha256s some tier held. The files go first, at
+    once; then each pipeline is held (``exclusive``) to delete the adapters, which
+    waits for a running job on it: call it off the event loop, and never from code
+    that holds a pipeline already."""
+    from core.ml.pipeline import exclusive
+
+    doomed = set(shas)
+    erased = set(resident_lora_disk(settings).evict(doomed))
+    for cache in _lora_cache_list():
+        with exclusive(cache.pipe):
+            erased.update(cache.evict(doomed))
+    return sorted(erased)
+
+
+async def live_lora_shas(session: AsyncSession, shas: Collection[str]) -> set[str]:
+    """Those of ``shas`` some ``lora`` row still has (its subject not erased)."""
+    from sqlmodel import col, select
+
+    from core.db.models import Lora
+
+    if not shas:
+        return set()
+    query = select(Lora.sha256).where(col(Lora.sha256).in_(list(shas))).distinct()
+    return set((await session.exec(query)).all())
+
+
+async def erase_orphaned_loras(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    compute: Callable[..., Awaitable[Any]] | None = None,
+) -> list[str]:
+    """Evict from every tier each LoRA this worker holds that no ``lora`` row has any
+    more (``core.subjects.delete_subject`` erased its subject); return them.
+
+    Any worker may run it, at any time (its heartbeat, say): Postgres says what is
+    live. ``compute`` runs the tier work (default ``asyncio.to_thread``; a GPU
+    worker passes its model thread's runner).
+    """
+    import asyncio
+
+    run = compute or asyncio.to_thread
+    # The inventory reads the caches' own records (thread-safe): no model thread needed.
+    held = (await asyncio.to_thread(lora_inventory, settings)).held()
+    async with sessions() as session:
+        orphans = held - await live_lora_shas(session, held)
+    if not orphans:
+        return []
+    erased: list[str] = await run(evict_loras, settings, orphans)
+    return erased
 
 
 def forget_resident_loras(pipe: Any) -> None:

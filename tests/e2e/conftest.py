@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from core.settings import Settings
 from tests.conftest import ROOT
@@ -23,6 +24,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump().items():
         if value is None:
             continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         key = name.upper() if name in ("database_url", "redis_url") else f"ATELIER_{name.upper()}"
         # Lists and dicts (crawl_sites...) are read back as JSON.
         env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
@@ -38,21 +41,33 @@ class Processes:
         self.logs = logs
         self.running: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *args: str, name: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, *args: str, name: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", *args],
             cwd=ROOT,
-            env=settings_env(self.settings),
+            env={**settings_env(self.settings), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         self.running.append(proc)
         return proc
 
-    def worker(self, name: str = "worker", metrics_port: int = 0) -> subprocess.Popen[bytes]:
-        args = ["gpu", "--device", "cpu", "--name", "rtx4090", "--metrics-port", str(metrics_port)]
-        return self.start("worker", *args, name=name)
+    def worker(
+        self,
+        name: str = "worker",
+        metrics_port: int = 0,
+        *,
+        gpu: str = "rtx4090",
+        vram: str = "24GiB",
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        args = ["gpu", "--device", "cpu", "--name", gpu, "--vram", vram,
+                "--metrics-port", str(metrics_port), *extra]  # fmt: skip
+        return self.start("worker", *args, name=name, env=env)
 
     def scheduler(self) -> subprocess.Popen[bytes]:
         return self.start("scheduler", name="scheduler")

@@ -18,7 +18,10 @@ import pytest
 from httpx import AsyncClient
 from PIL import Image
 from redis.asyncio import Redis
+from sqlmodel import col, select
 
+from core.db.engine import session_scope
+from core.db.models import Worker
 from core.ml.profiles import get_profile
 from core.settings import Settings
 from tests.conftest import photo_files
@@ -60,6 +63,17 @@ async def _wait(
             return job
         await asyncio.sleep(0.2)
     raise AssertionError(f"job {job_id} never reached the state; last seen: {job}")
+
+
+async def _registered(sessions: Any, within: float = 60) -> None:
+    """Until a GPU worker has registered (and so can be placed on)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        async with session_scope(sessions) as session:
+            if (await session.exec(select(Worker).where(col(Worker.pool) == "gpu"))).first():
+                return
+        await asyncio.sleep(0.2)
+    raise AssertionError("no GPU worker registered")
 
 
 def _finished(job: dict[str, Any]) -> bool:
@@ -167,12 +181,19 @@ async def test_redis_flush_loses_no_job(
     sessions: object,
     redis: Redis,
 ) -> None:
-    processes.scheduler()  # no worker yet: jobs wait in Redis
+    processes.scheduler()
+    worker = processes.worker()
     subject_id = await _subject(client, auth, sample_photos)
-    train = await _train(client, auth, subject_id, steps=3)
-    await _wait(client, auth, train["id"], lambda j: j["status"] == "scheduled", within=30)
-    await redis.flushdb()  # everything the service had in Redis is gone
-    processes.worker()
+    await _registered(sessions)
+    # Paused (well within the heartbeat's staleness), the worker cannot take the
+    # message the scheduler sends it: the job waits in Redis.
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        train = await _train(client, auth, subject_id, steps=3)
+        await _wait(client, auth, train["id"], lambda j: j["status"] == "scheduled", within=3)
+        await redis.flushdb()  # everything the service had in Redis is gone
+    finally:
+        worker.send_signal(signal.SIGCONT)
     done = await _wait(client, auth, train["id"], _finished)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 1

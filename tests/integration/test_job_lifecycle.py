@@ -15,12 +15,17 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.engine import session_scope
 from core.db.models import Account, Job, JobKind, JobStatus, Subject
+from core.fleet.workers import register_worker
 from core.jobs import scheduling, states
 from core.settings import Settings
 from scheduler.dispatcher import Dispatcher
-from transport.queues import CPU_QUEUE, GPU_QUEUE, connect, message_waiting
+from transport.queues import CPU_QUEUE, connect, gpu_queue, message_waiting
 
 Sessions = async_sessionmaker[AsyncSession]
+# A live GPU worker row (its heartbeat is its registration, fresh for these tests):
+# GPU jobs are placed on it and sent to its own queue.
+GPU_WORKER = "rtx4090@test"
+GPU_QUEUE = gpu_queue(GPU_WORKER)
 
 
 async def _account_subject(sessions: Sessions) -> tuple[uuid.UUID, uuid.UUID]:
@@ -66,6 +71,11 @@ async def _age(sessions: Sessions, job_id: uuid.UUID, **columns: timedelta) -> N
 
 
 async def _dispatcher(settings: Settings, sessions: Sessions) -> tuple[Dispatcher, ArqRedis]:
+    async with session_scope(sessions) as session:
+        await register_worker(
+            session, worker_id=GPU_WORKER, name="rtx4090", pool="gpu", device="cpu",
+            vram_bytes=24 * 2**30, queue=GPU_QUEUE,
+        )  # fmt: skip
     arq = await connect(settings.redis_url)
     return Dispatcher(settings, sessions, arq), arq
 
@@ -75,11 +85,11 @@ async def test_dispatch_sends_one_message_per_job(
 ) -> None:
     job = await _job(sessions)
     dispatcher, arq = await _dispatcher(settings, sessions)
-    assert await dispatcher.dispatch() == 1
-    assert await dispatcher.dispatch() == 0  # nothing is handed out twice
+    assert await dispatcher.place() == 1
+    assert await dispatcher.place() == 0  # nothing is handed out twice
     scheduled = await _reload(sessions, job.id)
     assert scheduled.status == JobStatus.scheduled
-    assert scheduled.transport_id and await message_waiting(arq, scheduled.transport_id)
+    assert scheduled.transport_id and await message_waiting(arq, scheduled.transport_id, GPU_QUEUE)
     assert await redis.zcard(GPU_QUEUE) == 1
     await arq.aclose()
 
@@ -116,7 +126,7 @@ async def test_dependent_waits_for_its_prerequisite_and_fails_with_it(
     train = await _job(sessions)
     gen = await _job(sessions, JobKind.generate, depends_on=train.id)
     dispatcher, arq = await _dispatcher(settings, sessions)
-    assert await dispatcher.dispatch() == 1  # only the training job
+    assert await dispatcher.place() == 1  # only the training job
     assert (await _reload(sessions, gen.id)).status == JobStatus.queued
     async with session_scope(sessions) as session:
         await states.claim(session, train.id, "w1")
@@ -137,12 +147,12 @@ async def test_dependent_runs_after_prerequisite_succeeds(
     train = await _job(sessions)
     gen = await _job(sessions, JobKind.generate, depends_on=train.id)
     dispatcher, arq = await _dispatcher(settings, sessions)
-    await dispatcher.dispatch()
+    await dispatcher.place()
     async with session_scope(sessions) as session:
         await states.claim(session, train.id, "w1")
     async with session_scope(sessions) as session:
         assert await states.complete(session, train.id, "w1", {"ok": True})
-    assert await dispatcher.dispatch() == 1
+    assert await dispatcher.place() == 1
     assert (await _reload(sessions, gen.id)).status == JobStatus.scheduled
     await arq.aclose()
 
@@ -154,7 +164,7 @@ async def test_reaper_requeues_then_fails_a_job_whose_worker_died(
     dispatcher, arq = await _dispatcher(settings, sessions)
     stale = timedelta(seconds=settings.heartbeat_stale_s + 1)
     for attempt in (1, 2):
-        await dispatcher.dispatch()
+        await dispatcher.place()
         async with session_scope(sessions) as session:
             assert await states.claim(session, job.id, f"w{attempt}")
         await dispatcher.reap()
@@ -174,7 +184,7 @@ async def test_reconcile_resends_messages_lost_in_a_redis_flush(
 ) -> None:
     job = await _job(sessions)
     dispatcher, arq = await _dispatcher(settings, sessions)
-    await dispatcher.dispatch()
+    await dispatcher.place()
     before = (await _reload(sessions, job.id)).transport_id
     await dispatcher.reconcile()  # within the grace period and alive: untouched
     assert (await _reload(sessions, job.id)).transport_id == before
@@ -185,7 +195,7 @@ async def test_reconcile_resends_messages_lost_in_a_redis_flush(
     after = await _reload(sessions, job.id)
     assert after.status == JobStatus.scheduled
     assert after.transport_id and after.transport_id != before
-    assert await message_waiting(arq, after.transport_id)
+    assert await message_waiting(arq, after.transport_id, GPU_QUEUE)
     await arq.aclose()
 
 
@@ -209,7 +219,7 @@ async def test_reconcile_resends_a_message_taken_by_a_worker_that_died_before_cl
 ) -> None:
     job = await _job(sessions)
     dispatcher, arq = await _dispatcher(settings, sessions)
-    await dispatcher.dispatch()
+    await dispatcher.place()
     taken = (await _reload(sessions, job.id)).transport_id
     assert taken
     # What arq leaves behind when a worker takes a message and dies at once.
@@ -219,7 +229,7 @@ async def test_reconcile_resends_a_message_taken_by_a_worker_that_died_before_cl
     await dispatcher.reconcile()
     after = await _reload(sessions, job.id)
     assert after.transport_id != taken and after.transport_id
-    assert await message_waiting(arq, after.transport_id)
+    assert await message_waiting(arq, after.transport_id, GPU_QUEUE)
     await arq.aclose()
 
 
@@ -229,7 +239,7 @@ async def test_crawl_jobs_go_to_the_cpu_queue_and_are_resent_there(
     train = await _job(sessions)
     crawl = await _job(sessions, JobKind.crawl)
     dispatcher, arq = await _dispatcher(settings, sessions)
-    assert await dispatcher.dispatch() == 2
+    assert await dispatcher.place() == 1 and await dispatcher.dispatch() == 1
     assert await redis.zcard(GPU_QUEUE) == 1 and await redis.zcard(CPU_QUEUE) == 1
     before = (await _reload(sessions, crawl.id)).transport_id
     assert before and await message_waiting(arq, before, CPU_QUEUE)

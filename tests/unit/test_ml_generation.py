@@ -39,8 +39,8 @@ from core.ml.lora_cache import (
     LoraWeights,
     SwapMode,
     parse_lora,
-    state_dict_nbytes,
 )
+from core.ml.lora_weights import state_dict_nbytes
 from core.ml.pipeline import load_pipeline
 from core.ml.profiles import get_profile
 from core.ml.resident import forget_resident_loras, resident_lora_cache
@@ -306,7 +306,7 @@ def test_fast_switch_matches_stock_set_adapters(
         ours = unet_probe(pipe)
         pipe.set_adapters([slot])
         assert torch.equal(unet_probe(pipe), ours)
-    assert cache._direct_switch  # the fast path was taken, not peft's fallback
+    assert cache._switch.direct  # the fast path was taken, not peft's fallback
 
 
 @pytest.mark.parametrize("swap", ["load", "hotswap"])
@@ -506,9 +506,12 @@ def test_a_cache_serves_one_pipeline(
 
 
 def test_runtime_keeps_one_cache_per_pipeline(
-    pipe: StableDiffusionPipeline, pristine: StableDiffusionPipeline, loras: list[LoraWeights]
+    pipe: StableDiffusionPipeline,
+    pristine: StableDiffusionPipeline,
+    loras: list[LoraWeights],
+    tmp_path: Path,
 ) -> None:
-    settings = Settings(lora_max_resident=3)
+    settings = Settings(lora_max_resident=3, lora_disk_dir=tmp_path)
     cache = resident_lora_cache(settings, pipe, TINY)
     assert resident_lora_cache(settings, pipe, TINY) is cache
     assert resident_lora_cache(settings, pristine, TINY) is not cache

@@ -469,8 +469,10 @@ def test_four_images_reproducible_per_seed(pipe: StableDiffusionXLPipeline) -> N
     assert Image.open(io.BytesIO(wide.png)).size == (96, 48)
 
 
-def test_worker_runtime_serves_tiny_sdxl(sdxl_path: Path) -> None:
-    settings = Settings(profile=TINY_SDXL.name, models_dir=sdxl_path.parent)
+def test_worker_runtime_serves_tiny_sdxl(sdxl_path: Path, tmp_path: Path) -> None:
+    settings = Settings(
+        profile=TINY_SDXL.name, models_dir=sdxl_path.parent, lora_disk_dir=tmp_path / "loras"
+    )
     resident = resident_pipeline(settings, TINY_SDXL)
     assert isinstance(resident, StableDiffusionXLPipeline)
     assert resident_pipeline(settings, TINY_SDXL) is resident

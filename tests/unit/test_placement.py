@@ -1,6 +1,7 @@
 """Placement rules (core.fleet.placement) on small hand-made fleets: refusal of a job
-too big for the fleet, VRAM fit and best fit, LoRA and base-pipeline affinity,
-interactive before training, aging, fair share, and jobs queued next."""
+too big for the fleet, VRAM fit and best fit, the soonest start (LoRA and base
+pipeline held), interactive before training, aging, fair share, and the one case a
+job waits behind a busy GPU."""
 
 from __future__ import annotations
 
@@ -79,21 +80,36 @@ def test_lora_and_base_affinity() -> None:
     assert placed[0].worker_id == "5090" and placed[0].reason is Reason.base
 
 
-def test_busy_gpu_with_the_lora_is_worth_a_short_wait() -> None:
-    busy = replace(RTX5090, loras_vram=frozenset({"l"}), running_account="b", busy_until=5.0)
+def test_a_busy_gpu_with_the_lora_and_pipeline_is_worth_a_short_wait() -> None:
+    busy = replace(
+        RTX5090, loras_vram=frozenset({"l"}), profiles=frozenset({"sd15"}),
+        running_account="b", busy_until=5.0,
+    )  # fmt: skip
+    # 5 s of wait beats loading the pipeline (6 s) and fetching the LoRA on the 4090.
     placed = place([job("g", lora="l")], [RTX4090, busy], now=0, policy=POLICY)
     assert placed[0].worker_id == "5090" and not placed[0].starts_now
-    # Not when it frees later than the policy waits: the idle GPU takes it.
+    # Not when the idle GPU holds the pipeline: it starts sooner there.
+    loaded = replace(RTX4090, profiles=frozenset({"sd15"}))
+    placed = place([job("g", lora="l")], [loaded, busy], now=0, policy=POLICY)
+    assert placed[0].worker_id == "4090" and placed[0].starts_now
+    # Nor when it frees later than the policy waits.
     later = replace(busy, busy_until=60.0)
     placed = place([job("g", lora="l")], [RTX4090, later], now=0, policy=POLICY)
     assert placed[0].worker_id == "4090" and placed[0].starts_now
 
 
+def test_a_loaded_pipeline_beats_a_lora_on_disk() -> None:
+    on_disk = replace(RTX4090, worker_id="disk", loras_disk=frozenset({"l"}))
+    loaded = replace(RTX4090, worker_id="base", profiles=frozenset({"sd15"}))
+    placed = place([job("g", lora="l")], [on_disk, loaded], now=0, policy=POLICY)
+    assert placed[0].worker_id == "base" and placed[0].reason is Reason.base
+
+
 def test_generation_before_training_and_training_never_starved() -> None:
     fresh = [job("train", kind="train", account="a"), job("gen", account="b", waiting_since=5)]
     placed = place(fresh, [RTX4090], now=10, policy=POLICY)
-    # One GPU: the generation starts, the training is queued next behind it.
-    assert [(p.job_id, p.starts_now) for p in placed] == [("gen", True), ("train", False)]
+    # One GPU: the generation starts; the training waits for a GPU to free.
+    assert [(p.job_id, p.starts_now) for p in placed] == [("gen", True)]
     # A training that waited 11 minutes outranks a fresh generation (bonus 10).
     old = [job("train", kind="train", account="a"), job("gen", account="b", waiting_since=660)]
     placed = place(old, [RTX4090], now=660, policy=POLICY)
@@ -111,12 +127,17 @@ def test_fair_share_while_others_wait() -> None:
     assert len(alone) == 2
 
 
-def test_each_gpu_gets_one_job_now_and_one_next() -> None:
+def test_each_idle_gpu_gets_one_job_and_the_rest_wait() -> None:
     jobs = [job(f"j{i}", waiting_since=i) for i in range(5)]
     placed = place(jobs, [RTX4090, RTX5090], now=10, policy=POLICY)
-    assert len(placed) == 4 and len({p.job_id for p in placed}) == 4
-    per_gpu = {(p.worker_id, p.starts_now) for p in placed}
-    assert per_gpu == {("4090", True), ("4090", False), ("5090", True), ("5090", False)}
-    # A GPU already holding a next job takes nothing.
-    full = replace(RTX4090, running_account="x", next_account="y", busy_until=20)
-    assert place(jobs, [full], now=10, policy=POLICY) == []
+    assert [(p.job_id, p.worker_id, p.starts_now) for p in placed] == [
+        ("j0", "4090", True),
+        ("j1", "5090", True),
+    ]
+    busy = replace(RTX4090, running_account="x", busy_until=20)
+    assert place(jobs, [busy], now=10, policy=POLICY) == []
+
+
+def test_equal_worker_ids_do_not_break_the_round() -> None:
+    twins = [GpuView("w", 24 * GIB), GpuView("w", 24 * GIB)]
+    assert len(place([job("a"), job("b")], twins, now=0, policy=POLICY)) == 2

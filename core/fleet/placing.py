@@ -1,0 +1,261 @@
+"""One placement round against Postgres: the GPU jobs waiting, the live fleet as its
+workers published it, ``core.fleet.placement.place`` between them, and the
+outcome written back, in one transaction.
+
+A job is placed exactly once: the round runs under a transaction-level advisory
+lock, so of several schedulers (or one restarted mid-round) only one places at a
+time and each sees the others' committed placements; the jobs it takes are also
+locked ``FOR UPDATE SKIP LOCKED``. A placed job is ``scheduled`` with ``placed_on``
+naming its worker; the caller sends it to that worker's queue after the commit
+(the reconciler re-sends a message lost in between).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, text
+from sqlalchemy.orm import aliased
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.db.models import Job, JobStatus, Lora, Worker, utcnow
+from core.fleet.cost_store import observed_costs
+from core.fleet.costs import CostTable, JobShape, ObservedCost, shape_of, units_of
+from core.fleet.placement import (
+    GpuView,
+    PendingJob,
+    Placement,
+    PlacementPolicy,
+    Reason,
+    need_bytes,
+    place,
+)
+from core.fleet.workers import live_gpu_workers
+from core.jobs.routing import POOL_BY_KIND, Pool
+from core.jobs.states import finish, unplace
+from core.metrics import PLACEMENTS, QUEUE_WAIT
+from core.ml.profiles import PROFILES
+
+# Any constant both schedulers agree on: the key of the placement lock.
+PLACEMENT_LOCK = 0x61746C72  # "atlr"
+GPU_KINDS = [kind.value for kind, pool in POOL_BY_KIND.items() if pool is Pool.gpu]
+# The fashion CLIP's shape in the cost table (catalog_embed jobs name no profile).
+CLIP_PROFILE, CLIP_SIDE = "clip", 224
+
+
+@dataclass(frozen=True)
+class Placed:
+    job_id: uuid.UUID
+    kind: str
+    worker_id: str
+    reason: Reason
+
+
+def job_shape(job: Job) -> JobShape:
+    if job.kind == "catalog_embed":
+        return JobShape(job.kind, CLIP_PROFILE, CLIP_SIDE)
+    profile = PROFILES[str(job.params.get("profile"))]
+    return shape_of(job.kind, job.params, profile.name, profile.resolution)
+
+
+def job_units(job: Job) -> float:
+    profile = PROFILES.get(str(job.params.get("profile")))
+    if profile is None:
+        return 1.0
+    steps = profile.train_steps if job.kind == "train" else profile.inference_steps
+    return units_of(job.kind, job.params, steps)
+
+
+async def _pending(session: AsyncSession, limit: int) -> list[tuple[Job, datetime]]:
+    """Runnable queued GPU jobs, locked, each with when it became runnable."""
+    parent = aliased(Job)
+    query = (
+        select(Job, func.greatest(col(Job.created_at), col(parent.finished_at)))
+        .outerjoin(parent, col(Job.depends_on) == col(parent.id))
+        .where(
+            col(Job.status) == JobStatus.queued.value,
+            col(Job.kind).in_(GPU_KINDS),
+            or_(col(Job.depends_on).is_(None), col(parent.status) == JobStatus.succeeded.value),
+        )
+        .order_by(col(Job.priority).desc(), col(Job.created_at))
+        .limit(limit)
+        .with_for_update(of=Job, skip_locked=True)
+    )
+    return [(job, since) for job, since in (await session.exec(query)).all()]
+
+
+async def _lora_shas(session: AsyncSession, jobs: list[Job]) -> dict[uuid.UUID, str]:
+    """The LoRA (sha256) each generation applies: its subject's latest for its profile."""
+    generations = [j for j in jobs if j.kind == "generate" and j.subject_id is not None]
+    if not generations:
+        return {}
+    subjects = {j.subject_id for j in generations}
+    query = select(Lora).where(col(Lora.subject_id).in_(subjects)).order_by(col(Lora.created_at))
+    latest: dict[tuple[uuid.UUID, str], str] = {}
+    for row in (await session.exec(query)).all():
+        latest[(row.subject_id, row.profile)] = row.sha256  # the newest last
+    found = {j.id: latest.get((j.subject_id, str(j.params.get("profile")))) for j in generations}  # type: ignore[arg-type]
+    return {job_id: sha for job_id, sha in found.items() if sha is not None}
+
+
+async def _views(session: AsyncSession, workers: list[Worker], now: datetime) -> list[GpuView]:
+    """The fleet as placement sees it: each worker's inventory, and which of its
+    jobs run or wait to start on it."""
+    ids = [w.id for w in workers]
+    busy = (
+        await session.exec(
+            select(Job).where(
+                or_(col(Job.worker_id).in_(ids), col(Job.placed_on).in_(ids)),
+                col(Job.status).in_([JobStatus.running.value, JobStatus.scheduled.value]),
+            )
+        )
+    ).all()
+    jobs_on: dict[str, list[Job]] = defaultdict(list)
+    for job in busy:
+        owner = job.worker_id if job.status == JobStatus.running.value else job.placed_on
+        if owner is not None:
+            jobs_on[owner].append(job)
+    return [_view(worker, jobs_on[worker.id], now) for worker in workers]
+
+
+def _view(worker: Worker, jobs: list[Job], now: datetime) -> GpuView:
+    # The running job first, then those waiting to start (the next one).
+    jobs.sort(key=lambda j: (j.status != JobStatus.running.value, j.scheduled_at or now))
+    accounts = [str(j.account_id) for j in jobs]
+    until = worker.busy_until
+    if until is None and jobs:
+        placed = (jobs[0].placement or {}).get("seconds", 0.0)
+        until = (jobs[0].started_at or jobs[0].scheduled_at or now) + timedelta(seconds=placed)
+    loras = worker.loras or {}
+    return GpuView(
+        worker_id=worker.id,
+        vram_total_bytes=worker.vram_bytes,
+        profiles=frozenset(worker.profiles or []),
+        loras_vram=frozenset(loras.get("vram", [])),
+        loras_host=frozenset(loras.get("host", [])),
+        loras_disk=frozenset(loras.get("disk", [])),
+        running_account=accounts[0] if accounts else None,
+        busy_until=(until - now).total_seconds() if until and jobs else None,
+        next_account=accounts[1] if len(accounts) > 1 else None,
+    )
+
+
+async def place_round(
+    session: AsyncSession,
+    table: CostTable,
+    policy: PlacementPolicy,
+    *,
+    stale_after: timedelta,
+    max_pending: int,
+) -> list[Placed]:
+    """Place what can be placed now; returns the placed jobs (the caller sends each
+    to its worker's queue after the commit). Refuses jobs too big for the fleet."""
+    locked = await session.execute(text("SELECT pg_try_advisory_xact_lock(:key)"),
+                                   {"key": PLACEMENT_LOCK})  # fmt: skip
+    if not locked.scalar_one():
+        return []  # another scheduler is placing right now
+    pending = await _pending(session, max_pending)
+    if not pending:
+        return []
+    now = utcnow()
+    workers = await live_gpu_workers(session, stale_after)
+    gpus = await _views(session, workers, now)
+    jobs = {str(job.id): job for job, _ in pending}
+    shapes = {key: job_shape(job) for key, job in jobs.items()}
+    observed = await observed_costs(session, (shape.key for shape in shapes.values()))
+    loras = await _lora_shas(session, [job for job, _ in pending])
+    views = [
+        _pending_view(job, (now - since).total_seconds(), shapes[str(job.id)], table,
+                      observed.get(shapes[str(job.id)].key), loras.get(job.id))
+        for job, since in pending
+    ]  # fmt: skip
+    by_id = {view.id: view for view in views}
+    placed = []
+    for placement in place(views, gpus, 0.0, policy):
+        job = jobs[placement.job_id]
+        PLACEMENTS.labels(reason=placement.reason.value).inc()
+        if placement.worker_id is None:
+            _refuse(job, by_id[placement.job_id], gpus, policy)
+            continue
+        _apply(job, placement, by_id[placement.job_id], shapes[placement.job_id])
+        QUEUE_WAIT.labels(kind=job.kind).observe(-by_id[placement.job_id].waiting_since)
+        placed.append(Placed(job.id, job.kind, placement.worker_id, placement.reason))
+    await session.flush()
+    return placed
+
+
+def _pending_view(
+    job: Job,
+    waited_s: float,
+    shape: JobShape,
+    table: CostTable,
+    seen: ObservedCost | None,
+    lora: str | None,
+) -> PendingJob:
+    # An out-of-memory of this job, or of any job of its shape, rules its GPU out.
+    learnt = seen.oom_floor_bytes + 1 if seen and seen.oom_floor_bytes else 0
+    return PendingJob(
+        id=str(job.id),
+        kind=job.kind,
+        account=str(job.account_id),
+        profile=shape.profile,
+        cost=table.cost(shape, job_units(job), seen),
+        waiting_since=-waited_s,  # placement runs at time 0 on its own clock
+        priority=job.priority,
+        lora=lora,
+        min_vram_bytes=max(job.vram_floor_bytes, learnt),
+    )
+
+
+def _apply(job: Job, placement: Placement, view: PendingJob, shape: JobShape) -> None:
+    job.status = JobStatus.scheduled.value  # type: ignore[assignment]
+    job.stage = "scheduled" if placement.starts_now else "scheduled: next on its GPU"
+    job.placed_on = placement.worker_id
+    job.placement = {
+        "reason": placement.reason.value,
+        "starts_now": placement.starts_now,
+        "shape": shape.key,
+        "peak_vram_bytes": view.cost.peak_vram_bytes,
+        "seconds": round(view.cost.seconds, 3),
+    }
+    job.scheduled_at = job.updated_at = utcnow()
+
+
+def _refuse(job: Job, view: PendingJob, gpus: list[GpuView], policy: PlacementPolicy) -> None:
+    need, largest = need_bytes(view, policy), max(g.vram_total_bytes for g in gpus)
+    finish(
+        job,
+        JobStatus.failed,
+        stage="failed",
+        error={
+            "code": "too-big-for-fleet",
+            "detail": f"this job needs {need / 2**30:.1f} GiB of GPU memory (its peak plus a "
+            f"{policy.safety_margin_bytes / 2**30:.1f} GiB margin); the largest GPU of the "
+            f"fleet has {largest / 2**30:.1f} GiB",
+            "need_bytes": need,
+            "largest_gpu_bytes": largest,
+        },
+    )
+
+
+async def requeue_from_departed(session: AsyncSession) -> list[uuid.UUID]:
+    """Scheduled jobs placed on a worker that stopped or is gone, not yet started:
+    back to the queue to be placed again (no attempt was spent)."""
+    departed = select(Worker.id).where(
+        or_(col(Worker.stopped_at).is_not(None), col(Worker.gone_at).is_not(None))
+    )
+    query = (
+        select(Job)
+        .where(col(Job.status) == JobStatus.scheduled.value, col(Job.placed_on).in_(departed))
+        .with_for_update(skip_locked=True)
+    )
+    jobs = list((await session.exec(query)).all())
+    for job in jobs:
+        unplace(job)
+        job.stage = "requeued: its GPU worker left"
+    await session.flush()
+    return [job.id for job in jobs]
