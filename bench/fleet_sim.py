@@ -10,9 +10,11 @@ with proportionally more users), the same users (same seed) under every policy:
   least loaded, FIFO order, VRAM-blind;
 - atelier variant (``--variants``, on by default): without the affinity wait (a look
   never queued behind the busy GPU holding its LoRA), to show what that rule costs or
-  wins. (An earlier ``place`` also queued any job "next" behind the GPU that freed
-  first; this simulation measured looks waiting behind 10-minute trainings because of
-  it, and the rule was dropped: the "behind a next training" column stays, at 0.)
+  wins; and without preemption (a look that waited ``preempt_after_s`` takes a GPU
+  from a training, which yields at its next step after a checkpoint, ``YIELD_S``, and
+  resumes later with the work it had left). (An earlier ``place`` also queued any job
+  "next" behind the GPU that freed first; this simulation measured looks waiting
+  behind 10-minute trainings because of it, and that rule was dropped.)
 - lower bounds: makespan >= max(total work / GPUs, the longest user's chain: arrival,
   training, looks and think times in a row); waits >= 0; and Belady's optimal cache.
 
@@ -109,6 +111,9 @@ def belady_hits(sequence: list[tuple[str, str]], slots: int = TIER_SLOTS[0]) -> 
     cache: dict[str, float] = {}
     hits = looks = 0
     for i, (op, lora) in enumerate(sequence):
+        if op == "clear":  # a training started (or resumed): every adapter unloaded
+            cache = {}
+            continue
         if op == "train":
             cache = {}
         else:
@@ -138,8 +143,8 @@ class Stats:
     looks: int
     affinity_waits: int
     affinity_wait_p50_s: float
-    behind_next_train: int
-    behind_next_train_p95_s: float
+    preemptions: int  # trainings that yielded their GPU to a look
+    preempted_extra_wait_p95_s: float  # queue time those trainings spent after yielding
     decide_ms_per_tick: float
     ticks: int
 
@@ -148,12 +153,12 @@ def stats(run: Run) -> Stats:
     done = [j for j in run.jobs if j.end is not None]
     looks = [j for j in done if j.spec.kind == "generate"]
     trains = [j for j in done if j.spec.kind == "train"]
-    wait = lambda jobs: [(j.start or 0.0) - j.ready for j in jobs]  # noqa: E731
+    wait = lambda jobs: [j.waited_s for j in jobs]  # noqa: E731
     makespan = max((j.end or 0.0) for j in done) if done else 0.0
     busy = sum(g.busy_s for g in run.gpus)
     hits, asked = map(sum, zip(*(belady_hits(g.sequence) for g in run.gpus), strict=True))
     waited = [j for j in looks if j.affinity_wait]
-    behind = [j for j in looks if j.behind_next_train]
+    preempted = [j for j in trains if j.preemptions]
     return Stats(
         policy=run.policy,
         look_p50_s=percentile(wait(looks), 0.5),
@@ -171,8 +176,8 @@ def stats(run: Run) -> Stats:
         looks=len(looks),
         affinity_waits=len(waited),
         affinity_wait_p50_s=percentile(wait(waited), 0.5),
-        behind_next_train=len(behind),
-        behind_next_train_p95_s=percentile(wait(behind), 0.95),
+        preemptions=sum(j.preemptions for j in trains),
+        preempted_extra_wait_p95_s=percentile([j.requeued_wait_s for j in preempted], 0.95),
         decide_ms_per_tick=1e3 * run.decide_s / max(1, run.ticks),
         ticks=run.ticks,
     )
@@ -197,6 +202,7 @@ def policies(variants: bool) -> list[Policy]:
         # Without waiting behind a busy GPU that holds the LoRA (the one case a job is
         # queued next): what the affinity wait buys, and what it costs.
         out.append(Atelier(PlacementPolicy(queue_next=False), name="atelier, no affinity wait"))
+        out.append(Atelier(PlacementPolicy(preempt_after_s=None), name="atelier, no preemption"))
     return out
 
 
@@ -329,18 +335,18 @@ def print_fleet_tables(results: list[dict[str, Any]]) -> None:
 def print_details(results: list[dict[str, Any]]) -> None:
     print(
         "\nAtelier's looks: queued behind a LoRA holder while a GPU that fits was idle "
-        "(affinity), and left waiting while a GPU's next slot held a training:\n"
+        "(affinity), and trainings that yielded their GPU to a look (preemption):\n"
     )
     print(
-        "| GPUs | policy | looks | affinity waits | their p50 wait s | behind a next training "
-        "| their p95 wait s | ticks with jobs waiting | ms per tick |\n" + "|---" * 9 + "|"
+        "| GPUs | policy | looks | affinity waits | their p50 wait s | trainings preempted "
+        "| their extra wait p95 s | ticks with jobs waiting | ms per tick |\n" + "|---" * 9 + "|"
     )
     for r in results:
         for name, s in r["policies"].items():
             if name.startswith(ATELIER):
                 print(f"| {r['gpus']} | {name} | {s['looks']} | {s['affinity_waits']} "
-                      f"| {s['affinity_wait_p50_s']:.1f} | {s['behind_next_train']} "
-                      f"| {s['behind_next_train_p95_s']:.0f} | {s['ticks']} "
+                      f"| {s['affinity_wait_p50_s']:.1f} | {s['preemptions']} "
+                      f"| {s['preempted_extra_wait_p95_s']:.0f} | {s['ticks']} "
                       f"| {s['decide_ms_per_tick']:.2f} |")  # fmt: skip
     print("\n| GPUs | target | atelier | met |\n|---|---|---|---|")
     for r in results:

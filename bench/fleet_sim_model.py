@@ -40,7 +40,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from core.fleet.costs import CostTable, JobShape, load_cost_table
@@ -154,11 +154,20 @@ class Job:
     overcommit: bool = False
     refused: bool = False
     affinity_wait: bool = False  # queued behind a LoRA holder while a fitting GPU idled
-    behind_next_train: bool = False  # waited while a GPU's next slot held a training
+    # A training that yielded its GPU to a look: work left, times, and waits since.
+    remaining_s: float | None = None
+    preemptions: int = 0
+    requeued_at: float | None = None
+    requeued_wait_s: float = 0.0
     pending: PendingJob = field(init=False)
 
     def __post_init__(self) -> None:
         self.pending = self.spec.pending(self.ready)
+
+    @property
+    def waited_s(self) -> float:
+        """Queue time: before its first start, and after each preemption."""
+        return (self.start or 0.0) - self.ready + self.requeued_wait_s
 
 
 class SimGpu:
@@ -168,8 +177,12 @@ class SimGpu:
         self.tiers: tuple[OrderedDict[str, None], ...] = tuple(OrderedDict() for _ in TIER_SLOTS)
         self.running: Job | None = None
         self.next: Job | None = None
+        self.yielding = False  # its training was asked to yield to the next job
+        self.epoch = 0  # bumped at each start: a preempted job's finish event is stale
         self.busy_s = 0.0
-        self.sequence: list[tuple[str, str]] = []  # ("train" | "look", LoRA) in run order
+        # ("clear" | "train" | "look", LoRA) in run order: a training's start unloads
+        # every adapter, its end leaves its LoRA resident, a look asks for its LoRA.
+        self.sequence: list[tuple[str, str]] = []
         self._view: GpuView | None = None
 
     @property
@@ -202,15 +215,20 @@ class SimGpu:
 
     def start(self, job: Job, now: float) -> float:
         """Run ``job`` from ``now``; its duration, cache misses included."""
-        self.running, self._view = job, None
-        job.start, job.gpu = now, self.worker_id
-        job.overcommit = job.spec.need > self.vram
+        self.running, self._view, self.epoch = job, None, self.epoch + 1
+        if job.requeued_at is None:
+            job.start = now
+        else:  # a preempted training resumes from its checkpoint
+            job.requeued_wait_s += now - job.requeued_at
+            job.requeued_at = None
+        job.gpu = self.worker_id
+        job.overcommit = job.overcommit or job.spec.need > self.vram
         job.base_loaded = self._make_room(job)
-        seconds = job.spec.cost.seconds + (
-            PIPELINE_LOAD_S[job.spec.profile] if job.base_loaded else 0
-        )
+        work = job.spec.cost.seconds if job.remaining_s is None else job.remaining_s
+        seconds = work + (PIPELINE_LOAD_S[job.spec.profile] if job.base_loaded else 0)
         if job.spec.kind == "train":
             self.tiers[0].clear()  # training unloads every adapter
+            self.sequence.append(("clear", ""))
         else:
             job.tier = self.tier_of(job.spec.lora)
             seconds += LORA_LOAD_S[job.tier]
@@ -233,6 +251,19 @@ class SimGpu:
         assert self.running is not None and self.next is None, "next on a GPU not running"
         self.next, self._view = job, None
 
+    def yield_running(self, now: float) -> Job:
+        """The running training stops at a checkpoint and goes back to the queue with
+        the work it had left."""
+        job, self.running, self._view, self.yielding = self.running, None, None, False
+        assert job is not None and job.end_estimate is not None
+        job.remaining_s = max(0.0, job.end_estimate - now)
+        self.busy_s -= job.remaining_s  # counted at its start, not done here
+        job.preemptions += 1
+        job.requeued_at = now
+        cost = JobCost(job.spec.cost.peak_vram_bytes, job.remaining_s)
+        job.pending = replace(job.pending, cost=cost)
+        return job
+
     def forget_view(self) -> None:
         self._view = None
 
@@ -241,11 +272,14 @@ class SimGpu:
         if self._view is None:
             running, nxt = self.running, self.next
             vram, host, disk = (frozenset(tier) for tier in self.tiers)
+            training = running is not None and running.spec.kind == "train"
             self._view = GpuView(
                 self.worker_id, self.vram, frozenset(self.pipelines), vram, host, disk,
                 running_account=running.spec.user if running else None,
                 busy_until=running.end_estimate if running else None,
                 next_account=nxt.spec.user if nxt else None,
+                preemptible_job=running.spec.id if running and training and not self.yielding
+                else None,
             )  # fmt: skip
         return self._view
 
@@ -255,6 +289,7 @@ class Decision:
     job: Job
     gpu: SimGpu | None  # None: refused
     starts_now: bool = True
+    preempts: bool = False  # the GPU's running training yields to this job
 
 
 class Policy(Protocol):
@@ -263,7 +298,9 @@ class Policy(Protocol):
     def decide(self, pending: list[Job], gpus: list[SimGpu], now: float) -> list[Decision]: ...
 
 
-ARRIVE, FINISH, LOOK, TICK = range(4)  # at equal times, a tick comes last
+ARRIVE, FINISH, YIELD, LOOK, TICK = range(5)  # at equal times, a tick comes last
+# A training asked to yield stops at its next step, after writing a checkpoint.
+YIELD_S = 2.0
 
 
 @dataclass
@@ -297,9 +334,19 @@ class _Engine:
 
     def start(self, gpu: SimGpu, job: Job) -> None:
         seconds = gpu.start(job, self.now)
-        self.push(self.now + seconds, FINISH, gpu)
+        self.push(self.now + seconds, FINISH, (gpu, gpu.epoch))
 
-    def on_finish(self, gpu: SimGpu) -> None:
+    def on_yield(self, gpu: SimGpu) -> None:
+        job = gpu.yield_running(self.now)
+        self.pending[job.spec.id] = job
+        nxt, gpu.next = gpu.next, None
+        assert nxt is not None
+        self.start(gpu, nxt)
+        self.ready_tick()
+
+    def on_finish(self, gpu: SimGpu, epoch: int) -> None:
+        if epoch != gpu.epoch or gpu.running is None:
+            return  # the job it announced yielded its GPU before the end
         job = gpu.finish(self.now)
         user = self.users[job.spec.user]
         if job.spec.kind == "train":
@@ -336,6 +383,10 @@ class _Engine:
                 self.start(d.gpu, d.job)
             else:
                 d.gpu.queue(d.job)
+                if d.preempts:
+                    d.gpu.yielding = True
+                    d.gpu.forget_view()
+                    self.push(self.now + YIELD_S, YIELD, d.gpu)
 
     def run(self) -> Run:
         for user in self.users.values():
@@ -346,8 +397,11 @@ class _Engine:
                 assert isinstance(payload, UserSpec)
                 self.ready(payload.train)
             elif kind == FINISH:
+                assert isinstance(payload, tuple)
+                self.on_finish(*payload)
+            elif kind == YIELD:
                 assert isinstance(payload, SimGpu)
-                self.on_finish(payload)
+                self.on_yield(payload)
             elif kind == LOOK:
                 assert isinstance(payload, JobSpec)
                 self.ready(payload)

@@ -40,7 +40,7 @@ class Atelier:
 
     def _may_place(self, pending: list[Job], gpus: list[SimGpu]) -> bool:
         open_slot = any(g.running is None or (self.policy.queue_next and g.next is None)
-                        for g in gpus)  # fmt: skip
+                        or g.view().preemptible_job is not None for g in gpus)  # fmt: skip
         largest = max((g.vram for g in gpus), default=0)
         return open_slot or any(need_bytes(j.pending, self.policy) > largest for j in pending)
 
@@ -50,7 +50,7 @@ class Atelier:
         by_worker = {g.worker_id: g for g in gpus}
         self._flag(placements, jobs, gpus)
         return [Decision(jobs[p.job_id], by_worker[p.worker_id] if p.worker_id else None,
-                         p.starts_now) for p in placements]  # fmt: skip
+                         p.starts_now, p.preempts is not None) for p in placements]  # fmt: skip
 
     def _place(self, pending: list[Job], gpus: list[SimGpu], now: float) -> list[Placement]:
         self.calls += 1
@@ -58,18 +58,12 @@ class Atelier:
 
     def _flag(self, placements: list[Placement], jobs: dict[str, Job], gpus: list[SimGpu]) -> None:
         """Mark the looks queued behind a LoRA holder while a GPU that fits them was idle
-        (they could have started at once), and the looks left waiting while some GPU's
-        next slot holds a training that has not started."""
+        (they could have started at once)."""
         idle = [g.vram for g in gpus if g.idle]
         for p in placements:
             job = jobs[p.job_id]
             if not p.starts_now and p.reason in _AFFINITY:
                 job.affinity_wait = any(v >= need_bytes(job.pending, self.policy) for v in idle)
-        if any(g.next is not None and g.next.spec.kind == "train" for g in gpus):
-            placed = {p.job_id for p in placements}
-            for job in jobs.values():
-                if job.spec.kind == "generate" and job.spec.id not in placed:
-                    job.behind_next_train = True
 
 
 @dataclass

@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     placement_affinity_wait_s: float = Field(10.0, ge=0)
     # Queued GPU jobs one placement round considers.
     placement_max_pending: int = Field(1000, ge=1)
+    # A generation that waited this long with no GPU free takes one from a training
+    # with more than preempt_min_remaining_s to go (0 = never preempt).
+    placement_preempt_after_s: float = Field(60.0, ge=0)
+    placement_preempt_min_remaining_s: float = Field(120.0, ge=0)
     # Prometheus ports of the worker and scheduler processes (0 = off).
     worker_metrics_port: int = 9101
     scheduler_metrics_port: int = 9102

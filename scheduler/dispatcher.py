@@ -57,6 +57,8 @@ def placement_policy(settings: Settings) -> PlacementPolicy:
         interactive_bonus=settings.placement_interactive_bonus,
         fair_share=settings.placement_fair_share,
         affinity_wait_s=settings.placement_affinity_wait_s,
+        preempt_after_s=settings.placement_preempt_after_s or None,
+        preempt_min_remaining_s=settings.placement_preempt_min_remaining_s,
     )
 
 

@@ -179,6 +179,9 @@ class Job(SQLModel, table=True):
     # a CPU host), and the least VRAM a GPU needs after an out-of-memory.
     peak_vram_bytes: int | None = Field(default=None, sa_type=BigInteger)
     vram_floor_bytes: int = Field(default=0, sa_type=BigInteger)
+    # The scheduler asks a running training to yield its GPU to a waiting look: it
+    # saves a checkpoint at its next step and goes back to the queue.
+    preempt_requested: bool = False
     # The transport's message id for the current dispatch (arq job id).
     transport_id: str | None = None
     cancel_requested: bool = False

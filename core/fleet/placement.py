@@ -45,6 +45,7 @@ class Reason(StrEnum):
     lora_disk = "affinity-lora-disk"  # ...as a file on the worker's disk
     base = "affinity-base"  # the GPU holds the job's base pipeline
     fit = "fit"  # best fit among idle GPUs
+    preempt = "preempt"  # a training yields its GPU to this interactive job
     too_big = "too-big"  # no GPU of the fleet can hold it: refused
 
 
@@ -84,6 +85,9 @@ class GpuView:
     running_account: str | None = None  # None: idle
     busy_until: float | None = None  # expected end of the running job
     next_account: str | None = None  # a job queued behind the running one
+    # The running job, when it may be asked to yield the GPU (a training: it saves a
+    # checkpoint and goes back to the queue, losing no step).
+    preemptible_job: str | None = None
 
     @property
     def idle(self) -> bool:
@@ -114,6 +118,10 @@ class PlacementPolicy:
     queue_next: bool = True  # may a generation wait behind the busy GPU holding its LoRA
     lora_load_s: tuple[float, float, float, float] = LORA_LOAD_S
     pipeline_load_s: float = PIPELINE_LOAD_S
+    # An interactive job that waited this long with no idle GPU may take one from a
+    # training that still has more than preempt_min_remaining_s to go (None: never).
+    preempt_after_s: float | None = 60.0
+    preempt_min_remaining_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,7 @@ class Placement:
     worker_id: str | None  # None when refused
     reason: Reason
     starts_now: bool = True  # False: queued behind the GPU's running job
+    preempts: str | None = None  # the running job asked to yield the GPU to this one
 
 
 @dataclass(eq=False)
@@ -167,6 +176,7 @@ class _Round:
     holders: dict[str, list[_Slot]]  # LoRA -> GPUs holding it in any tier
     held: Counter[str]  # GPUs per account (running or queued next)
     idle_slots: int
+    preemptible: list[_Slot] = field(default_factory=list)  # busy with a training
 
     @classmethod
     def start(
@@ -185,6 +195,8 @@ class _Round:
             if slot.idle:
                 heapq.heappush(group.idle, (gpu.worker_id, position, slot))
                 state.idle_slots += 1
+            elif gpu.preemptible_job is not None and gpu.next_account is None:
+                state.preemptible.append(slot)
             for tier in (gpu.loras_vram, gpu.loras_host, gpu.loras_disk):
                 for lora in needed.intersection(tier):
                     holders.setdefault(lora, []).append(slot)
@@ -237,7 +249,11 @@ def place(
         need = need_bytes(job, policy)
         if gpus and need > largest:
             placed: Placement | None = Placement(job.id, None, Reason.too_big)
-        elif state.idle_slots == 0 and not (policy.queue_next and job.lora in state.holders):
+        elif not (
+            state.idle_slots
+            or (policy.queue_next and job.lora in state.holders)
+            or (state.preemptible and _may_preempt(job, now, policy))
+        ):
             continue  # nothing can take it now; a later job may still be too big
         elif state.held[job.account] >= cap and total_waiting > waiting[job.account]:
             continue  # fair share: others wait
@@ -263,9 +279,32 @@ def _place_one(job: PendingJob, need: int, state: _Round) -> Placement | None:
             waited.next = job.id
             return Placement(job.id, waited.gpu.worker_id, _reason(waited, job), starts_now=False)
     if best is None:
-        return None
+        return _preempt(job, need, state) if _may_preempt(job, state.now, state.policy) else None
     state.start_on(best, job)
     return Placement(job.id, best.gpu.worker_id, _reason(best, job))
+
+
+def _may_preempt(job: PendingJob, now: float, policy: PlacementPolicy) -> bool:
+    waited = now - job.waiting_since
+    after = policy.preempt_after_s
+    return after is not None and job.kind in policy.interactive_kinds and waited >= after
+
+
+def _preempt(job: PendingJob, need: int, state: _Round) -> Placement | None:
+    """Ask a training to yield a GPU that fits ``job``: the one where ``job`` starts
+    soonest, then the training furthest from its end (the most waiting saved)."""
+    horizon = state.now + state.policy.preempt_min_remaining_s
+    candidates = [
+        s
+        for s in state.preemptible
+        if s.next is None and s.gpu.vram_total_bytes >= need and (s.busy_until or 0.0) > horizon
+    ]
+    if not candidates:
+        return None
+    slot = min(candidates, key=lambda s: (state.setup_s(s, job), -(s.busy_until or 0.0)))
+    slot.next = job.id
+    state.preemptible.remove(slot)
+    return Placement(job.id, slot.gpu.worker_id, Reason.preempt, False, slot.gpu.preemptible_job)
 
 
 def _worth_waiting_for(

@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, text
+from sqlalchemy import func, or_, text, update
 from sqlalchemy.orm import aliased
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -126,6 +126,9 @@ def _view(worker: Worker, jobs: list[Job], now: datetime) -> GpuView:
     # The running job first, then those waiting to start (the next one).
     jobs.sort(key=lambda j: (j.status != JobStatus.running.value, j.scheduled_at or now))
     accounts = [str(j.account_id) for j in jobs]
+    running = jobs[0] if jobs and jobs[0].status == JobStatus.running.value else None
+    # A running training may yield its GPU (once: not while asked already).
+    preemptible = running is not None and running.kind == "train" and not running.preempt_requested
     until = worker.busy_until
     if until is None and jobs:
         placed = (jobs[0].placement or {}).get("seconds", 0.0)
@@ -141,6 +144,7 @@ def _view(worker: Worker, jobs: list[Job], now: datetime) -> GpuView:
         running_account=accounts[0] if accounts else None,
         busy_until=(until - now).total_seconds() if until and jobs else None,
         next_account=accounts[1] if len(accounts) > 1 else None,
+        preemptible_job=str(running.id) if running is not None and preemptible else None,
     )
 
 
@@ -182,6 +186,8 @@ async def place_round(
             _refuse(job, by_id[placement.job_id], gpus, policy)
             continue
         _apply(job, placement, by_id[placement.job_id], shapes[placement.job_id])
+        if placement.preempts is not None:
+            await _ask_to_yield(session, uuid.UUID(placement.preempts))
         QUEUE_WAIT.labels(kind=job.kind).observe(-by_id[placement.job_id].waiting_since)
         placed.append(Placed(job.id, job.kind, placement.worker_id, placement.reason))
     await session.flush()
@@ -211,15 +217,31 @@ def _pending_view(
     )
 
 
+async def _ask_to_yield(session: AsyncSession, job_id: uuid.UUID) -> None:
+    """The running training's worker reads this with its next heartbeat."""
+    await session.execute(
+        update(Job)
+        .where(col(Job.id) == job_id, col(Job.status) == JobStatus.running.value)
+        .values(preempt_requested=True)
+    )
+
+
 def _apply(job: Job, placement: Placement, view: PendingJob, shape: JobShape) -> None:
     job.status = JobStatus.scheduled.value  # type: ignore[assignment]
-    job.stage = "scheduled" if placement.starts_now else "scheduled: next on its GPU"
+    job.stage = (
+        "scheduled"
+        if placement.starts_now
+        else "scheduled: a training yields its GPU"
+        if placement.preempts
+        else "scheduled: next on its GPU"
+    )
     job.placed_on = placement.worker_id
     job.placement = {
         "reason": placement.reason.value,
         "starts_now": placement.starts_now,
         "shape": shape.key,
         "peak_vram_bytes": view.cost.peak_vram_bytes,
+        "preempts": placement.preempts,
         "seconds": round(view.cost.seconds, 3),
     }
     job.scheduled_at = job.updated_at = utcnow()

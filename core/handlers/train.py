@@ -189,9 +189,10 @@ def _checkpoint_writer(
     previous checkpoint, so training goes on."""
 
     def write(state: TrainState) -> None:
-        if ctx.stop.is_set():
+        if ctx.stop.is_set() and not ctx.yielding:
             # The attempt is ending (canceled, taken, worker stopping, its loop maybe
-            # with it): the previous checkpoint stands.
+            # with it): the previous checkpoint stands. Yielding to a look is the
+            # exception: that checkpoint is where the job resumes.
             return
         put = ctx.store.put(key, state.to_bytes())
         try:
@@ -312,6 +313,7 @@ async def run_training(ctx: JobContext) -> JobResult:
             resume=resume,
             on_checkpoint=_checkpoint_writer(ctx, key, asyncio.get_running_loop()),
             checkpoint_every=plan.checkpoint_every,
+            checkpoint_on_stop=lambda: ctx.yielding,
         )
     except Canceled:
         # A checkpoint holds a model of the subjects: gone with a canceled job. A job

@@ -64,6 +64,9 @@ class JobContext:
     compute: Compute = asyncio.to_thread
     # Blobs written so far, removed if the attempt does not end in success.
     written: list[str] = field(default_factory=list)
+    # Set with ``stop`` when the scheduler gave the GPU to a look: a training saves a
+    # checkpoint at the step it stops at, and the job goes back to the queue.
+    yielding: bool = False
 
     async def put_blob(self, key: str, data: bytes) -> None:
         self.written.append(key)
@@ -147,6 +150,11 @@ class Executor:
         except Canceled:
             if taken.is_set():
                 return None
+            if ctx.yielding:
+                async with session_scope(self.sessions) as session:
+                    if await states.yield_gpu(session, job.id, self.worker_id):
+                        log.info("job %s yielded its GPU to a look: back in the queue", job.id)
+                return None
             async with session_scope(self.sessions) as session:
                 ok = await states.acknowledge_cancel(session, job.id, self.worker_id)
             return JobStatus.canceled if ok else None
@@ -188,9 +196,10 @@ class Executor:
         job = ctx.job
         while True:
             snap = ctx.progress.snapshot()
+            reply: states.HeartbeatReply | None = states.HeartbeatReply(False, False)
             try:
                 async with session_scope(self.sessions) as session:
-                    cancel = await states.heartbeat(
+                    reply = await states.heartbeat(
                         session,
                         job.id,
                         self.worker_id,
@@ -200,13 +209,14 @@ class Executor:
                     )
             except Exception:  # a database blip must not kill a long training run
                 log.warning("job %s: heartbeat failed, will retry", job.id, exc_info=True)
-                cancel = False
-            if cancel is None:
+            if reply is None:
                 log.warning("job %s was taken from this worker: stopping", job.id)
                 taken.set()
                 ctx.stop.set()
                 return
-            if cancel:
+            if reply.preempt and not reply.cancel:
+                ctx.yielding = True
+            if reply.cancel or reply.preempt:
                 ctx.stop.set()
             log.info("job %s %s: %s", str(job.id)[:8], job.kind, snap.line())
             await asyncio.sleep(self.settings.heartbeat_interval_s)

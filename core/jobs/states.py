@@ -186,6 +186,12 @@ async def claim(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> Job
     return await session.get(Job, job_id, populate_existing=True)
 
 
+@dataclass(frozen=True)
+class HeartbeatReply:
+    cancel: bool  # the client canceled: stop and record the cancel
+    preempt: bool  # the scheduler wants the GPU for a look: checkpoint and yield
+
+
 def _owned(job_id: uuid.UUID, worker_id: str) -> Any:
     return and_(
         col(Job.id) == job_id,
@@ -202,9 +208,10 @@ async def heartbeat(
     stage: str,
     progress: float,
     detail: dict[str, Any],
-) -> bool | None:
-    """Record liveness and progress. Returns cancel_requested, or None if the job was
-    taken from this worker (reaped, deleted): the worker must then stop and discard."""
+) -> HeartbeatReply | None:
+    """Record liveness and progress. Returns what the job is asked to do, or None if
+    it was taken from this worker (reaped, deleted): the worker must then stop and
+    discard."""
     stmt = (
         update(Job)
         .where(_owned(job_id, worker_id))
@@ -215,9 +222,10 @@ async def heartbeat(
             progress=progress,
             progress_detail=detail,
         )
-        .returning(col(Job.cancel_requested))
+        .returning(col(Job.cancel_requested), col(Job.preempt_requested))
     )
-    return (await session.execute(stmt)).scalar_one_or_none()
+    row = (await session.execute(stmt)).one_or_none()
+    return None if row is None else HeartbeatReply(cancel=row[0], preempt=row[1])
 
 
 async def _owned_job(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> Job | None:
@@ -262,16 +270,28 @@ async def give_up(
     return outcome
 
 
-async def release(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> bool:
-    """The worker is shutting down: put the job back without spending an attempt."""
+async def _hand_back(session: AsyncSession, job_id: uuid.UUID, worker_id: str, why: str) -> bool:
+    """Back to the queue without spending an attempt; False if it is not ours."""
     job = await _owned_job(session, job_id, worker_id)
     if job is None:
         return False
     unplace(job)
-    job.stage = "requeued: worker stopped"
+    job.stage = f"requeued: {why}"
     job.attempts -= 1
+    job.preempt_requested = False
     await session.flush()
     return True
+
+
+async def release(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> bool:
+    """The worker is shutting down: put the job back without spending an attempt."""
+    return await _hand_back(session, job_id, worker_id, "worker stopped")
+
+
+async def yield_gpu(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> bool:
+    """The training stopped at a checkpoint for a look: back to the queue without
+    spending an attempt, to resume from that checkpoint on the next GPU free."""
+    return await _hand_back(session, job_id, worker_id, "yielded its GPU to a look")
 
 
 async def requeue_after_out_of_memory(

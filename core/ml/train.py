@@ -327,6 +327,7 @@ def train_dreambooth_lora(
     resume: TrainState | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
     checkpoint_every: int = 0,
+    checkpoint_on_stop: Callable[[], bool] | None = None,
 ) -> bytes:
     """Train a LoRA of the subject in ``photos``; return it as safetensors bytes.
 
@@ -340,12 +341,15 @@ def train_dreambooth_lora(
     ``checkpoint_every``-th step but the last, before that step's ``on_step``; it
     runs on the training thread, which waits for it. ``resume`` continues from
     such a snapshot of the same run (same ``run_fingerprint``, else ValueError) up
-    to ``params.steps``; the result equals an uninterrupted run's.
+    to ``params.steps``; the result equals an uninterrupted run's. When a stop comes
+    and ``checkpoint_on_stop()`` is true, a snapshot of the steps done goes to
+    ``on_checkpoint`` first (a job yielding its GPU resumes from it).
     """
     subject = InstanceSet(photos, instance_prompt, prior)
     return train_subjects(
         pipe, [subject], params, on_step, should_stop,
         resume=resume, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every,
+        checkpoint_on_stop=checkpoint_on_stop,
     )  # fmt: skip
 
 
@@ -359,6 +363,7 @@ def train_subjects(
     resume: TrainState | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
     checkpoint_every: int = 0,
+    checkpoint_on_stop: Callable[[], bool] | None = None,
 ) -> bytes:
     """``train_dreambooth_lora`` for one or more subjects, each with its own
     instance prompt (its own token) and the class images of its noun: batch b
@@ -371,17 +376,24 @@ def train_subjects(
     with exclusive(pipe), restored(pipe), torch.enable_grad():
         run = _prepare(pipe, subjects, params, adapter)
         with parked(pipe, params.train_text_encoder):  # the steps need the UNet alone
-            return _steps(run, resume, on_step, should_stop, on_checkpoint, checkpoint_every)
+            hooks = _Hooks(
+                on_step, should_stop, on_checkpoint, checkpoint_every, checkpoint_on_stop
+            )
+            return _steps(run, resume, hooks)
 
 
-def _steps(
-    run: _Run,
-    resume: TrainState | None,
-    on_step: Callable[[int, int, float], None],
-    should_stop: Callable[[], bool],
-    on_checkpoint: Callable[[TrainState], None] | None,
-    checkpoint_every: int,
-) -> bytes:
+@dataclass(frozen=True)
+class _Hooks:
+    on_step: Callable[[int, int, float], None]
+    should_stop: Callable[[], bool]
+    on_checkpoint: Callable[[TrainState], None] | None
+    checkpoint_every: int
+    # Asked when a stop comes: True for a snapshot at that step first (a job yielding
+    # its GPU resumes from it and loses no step).
+    checkpoint_on_stop: Callable[[], bool] | None
+
+
+def _steps(run: _Run, resume: TrainState | None, hooks: _Hooks) -> bytes:
     """The run's optimizer steps (from ``resume`` on), then its LoRA file."""
     pipe, params = run.pipe, run.params
     losses: list[float] = []
@@ -389,11 +401,14 @@ def _steps(
         _resume(run, resume)
         losses = list(resume.losses)
     for step in range(len(losses) + 1, run.total + 1):
-        if should_stop():
+        if hooks.should_stop():
+            keep = hooks.checkpoint_on_stop is not None and hooks.checkpoint_on_stop()
+            if keep and hooks.on_checkpoint is not None and losses:
+                hooks.on_checkpoint(_capture(run, len(losses), losses))
             raise Canceled(f"training canceled before step {step} of {run.total}")
         losses.append(_step(run, step))
-        if on_checkpoint and checkpoint_every > 0 and step % checkpoint_every == 0:
-            if step < run.total:
-                on_checkpoint(_capture(run, step, losses))
-        on_step(step, run.total, losses[-1])
+        every = hooks.checkpoint_every
+        if hooks.on_checkpoint and every > 0 and step % every == 0 and step < run.total:
+            hooks.on_checkpoint(_capture(run, step, losses))
+        hooks.on_step(step, run.total, losses[-1])
     return export_lora(pipe, run.adapter, params)

@@ -36,6 +36,7 @@ def upgrade() -> None:
     op.add_column('job', sa.Column('placement', JSONB, nullable=True))
     op.add_column('job', sa.Column('peak_vram_bytes', sa.BigInteger(), nullable=True))
     op.add_column('job', sa.Column('vram_floor_bytes', sa.BigInteger(), server_default='0', nullable=False))
+    op.add_column('job', sa.Column('preempt_requested', sa.Boolean(), server_default=sa.false(), nullable=False))
     op.create_index('ix_job_placed_on', 'job', ['placed_on'])
 
     op.create_table(
@@ -52,7 +53,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table('job_cost')
     op.drop_index('ix_job_placed_on', table_name='job')
-    for column in ('vram_floor_bytes', 'peak_vram_bytes', 'placement', 'placed_on'):
+    for column in ('preempt_requested', 'vram_floor_bytes', 'peak_vram_bytes', 'placement', 'placed_on'):
         op.drop_column('job', column)
     op.drop_index('ix_worker_pool_live', table_name='worker')
     for column in ('gone_at', 'busy_until', 'loras', 'profiles', 'vram_free_bytes', 'pool'):

@@ -179,3 +179,38 @@ async def test_a_killed_workers_training_resumes_on_the_other_gpu(
     assert (await _row(sessions, job_id)).worker_id == ids["rtx5090"] and done["attempts"] == 2
     # It resumed from the checkpoint the 4090 wrote to the shared store.
     assert done["result"]["resumed_from_step"] >= 2
+
+
+async def test_a_waiting_look_preempts_a_long_training_which_resumes_losing_no_step(
+    fleet_client: AsyncClient, auth: dict[str, str], sample_photos: list,
+    fleet_settings: Settings, sessions: Any, redis: Any, tmp_path: Path, tiny_model_dir: Path,
+) -> None:  # fmt: skip
+    quick = fleet_settings.model_copy(
+        update={"placement_preempt_after_s": 2.0, "placement_preempt_min_remaining_s": 5.0}
+    )
+    procs = Processes(quick, tmp_path)
+    try:
+        procs.scheduler()
+        procs.worker("rtx5090", gpu="rtx5090", vram="32GiB")
+        shopper = await _subject(fleet_client, auth, sample_photos)  # has a LoRA first
+        first = f"/v1/subjects/{shopper}/train"
+        ready = (await fleet_client.post(first, headers=auth, json={"steps": 2})).json()
+        trained_first = await _wait(fleet_client, auth, ready["id"], _finished)
+        assert trained_first["status"] == "succeeded", trained_first["error"]
+        other = await _subject(fleet_client, auth, sample_photos)
+        train = f"/v1/subjects/{other}/train"
+        long = (await fleet_client.post(train, headers=auth, json={"steps": 400})).json()["id"]
+        await _wait(fleet_client, auth, long, lambda j: j["progress_detail"].get("step", 0) >= 3)
+        body = {"subject_id": shopper, "prompt": "a coat", "num_images": 1, "seed": 3}
+        look = (await fleet_client.post("/v1/generations", headers=auth, json=body)).json()
+        assert look["depends_on"] is None  # runnable at once, but the GPU is busy
+        done = await _wait(fleet_client, auth, look["id"], _finished, within=120)
+        assert done["status"] == "succeeded", (done, procs.log("rtx5090"))
+        yielded = await _row(sessions, long)
+        assert yielded.status != "succeeded"  # the look did not wait for it to end
+        assert "yielded its GPU to a look" in procs.log("rtx5090")
+        trained = await _wait(fleet_client, auth, long, _finished, within=600)
+        assert trained["status"] == "succeeded" and trained["attempts"] == 1
+        assert trained["result"]["resumed_from_step"] >= 3  # from the yield's checkpoint
+    finally:
+        procs.stop_all()

@@ -247,3 +247,33 @@ async def test_two_schedulers_never_place_a_job_twice(
     async with sessions() as session:
         rows = (await session.exec(select(Job).where(col(Job.id).in_(jobs)))).all()
     assert placed == len(jobs) == sum(1 for row in rows if row.status == "succeeded")
+
+
+async def test_a_waiting_look_makes_a_long_training_yield(
+    fleet: tuple[Dispatcher, ArqRedis], sessions: Sessions
+) -> None:
+    dispatcher, _ = fleet
+    async with session_scope(sessions) as session:  # one GPU in the fleet
+        stopped = update(Worker).where(col(Worker.id) == RTX5090).values(stopped_at=utcnow())
+        await session.execute(stopped)
+    train = await _job(sessions, JobKind.train, await _account(sessions))
+    await dispatcher.place()
+    async with session_scope(sessions) as session:  # it runs, 10 minutes to go
+        assert await states.claim(session, train, RTX4090)
+        await touch_worker(
+            session, RTX4090, Inventory(None, busy_until=utcnow() + timedelta(minutes=10))
+        )
+    look = await _job(sessions, JobKind.generate, await _account(sessions), age_s=61)
+    await dispatcher.place()
+    placed = await _placed(sessions, look)
+    assert placed.placed_on == RTX4090 and placed.placement
+    assert (placed.placement["reason"], placed.placement["preempts"]) == ("preempt", str(train))
+    assert (await _placed(sessions, train)).preempt_requested
+    # The training's worker hears it on its next beat, checkpoints and yields.
+    async with session_scope(sessions) as session:
+        reply = await states.heartbeat(session, train, RTX4090, stage="training", progress=0.5,
+                                       detail={})  # fmt: skip
+        assert reply == states.HeartbeatReply(cancel=False, preempt=True)
+        assert await states.yield_gpu(session, train, RTX4090)
+    yielded = await _placed(sessions, train)
+    assert (yielded.status, yielded.attempts, yielded.preempt_requested) == ("queued", 0, False)

@@ -108,11 +108,12 @@ async def test_claim_is_exclusive_and_heartbeat_sees_cancel(sessions: Sessions) 
         beat = await states.heartbeat(
             session, job.id, "w1", stage="training", progress=0.5, detail={}
         )
-    assert beat is False
+    assert beat == states.HeartbeatReply(cancel=False, preempt=False)
     async with session_scope(sessions) as session:
         await states.cancel_job(session, first.account_id, job.id)
     async with session_scope(sessions) as session:
-        assert await states.heartbeat(session, job.id, "w1", stage="x", progress=0.5, detail={})
+        beat = await states.heartbeat(session, job.id, "w1", stage="x", progress=0.5, detail={})
+        assert beat is not None and beat.cancel
         # Another worker's heartbeat is refused: the job is not theirs.
         assert (
             await states.heartbeat(session, job.id, "w2", stage="x", progress=0.5, detail={})

@@ -257,6 +257,23 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(
     assert lora == whole
 
 
+def test_a_run_asked_to_yield_checkpoints_where_it_stops_and_resumes_to_the_same_lora(
+    pipe: StableDiffusionPipeline,
+) -> None:
+    p = params(steps=6, crop_jitter=0.1)
+    whole = train(pipe, p)
+    done: list[int] = []
+    saved: list[TrainState] = []
+    with pytest.raises(Canceled):
+        train(
+            pipe, p, None, lambda s, _t, _l: done.append(s), lambda: len(done) >= 4,
+            on_checkpoint=saved.append, checkpoint_every=0, checkpoint_on_stop=lambda: True,
+        )  # fmt: skip
+    # No periodic checkpoint, one at the stop: step 4, nothing lost.
+    assert [state.step for state in saved] == [4]
+    assert train(pipe, p, resume=TrainState.from_bytes(saved[0].to_bytes())) == whole
+
+
 def test_checkpoints_every_n_steps_but_not_the_last(pipe: StableDiffusionPipeline) -> None:
     checkpoints: list[TrainState] = []
     order: list[str] = []
@@ -438,7 +455,10 @@ async def test_checkpoints_are_written_from_the_training_thread(tmp_path: Path) 
     store = LocalBlobStore(tmp_path)
     job_id = uuid.uuid4()
     ctx = cast(
-        Any, SimpleNamespace(store=store, stop=threading.Event(), job=SimpleNamespace(id=job_id))
+        Any,
+        SimpleNamespace(
+            store=store, stop=threading.Event(), yielding=False, job=SimpleNamespace(id=job_id)
+        ),
     )
     key = checkpoint_key(uuid.uuid4(), job_id)
     write = _checkpoint_writer(ctx, key, asyncio.get_running_loop())
@@ -452,6 +472,10 @@ async def test_checkpoints_are_written_from_the_training_thread(tmp_path: Path) 
     ctx.stop.set()
     await asyncio.to_thread(write, small_state(9))
     assert (await _checkpoint_to_resume(ctx, key, "abc")).step == 6  # type: ignore[union-attr]
+    # ...unless it yields its GPU to a look: that checkpoint is where it resumes.
+    ctx.yielding = True
+    await asyncio.to_thread(write, small_state(7))
+    assert (await _checkpoint_to_resume(ctx, key, "abc")).step == 7  # type: ignore[union-attr]
     # Another recipe's checkpoint, or garbage, is not resumed: the job starts over.
     assert await _checkpoint_to_resume(ctx, key, "another recipe") is None
     await store.put(key, b"garbage")

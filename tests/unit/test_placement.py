@@ -141,3 +141,29 @@ def test_each_idle_gpu_gets_one_job_and_the_rest_wait() -> None:
 def test_equal_worker_ids_do_not_break_the_round() -> None:
     twins = [GpuView("w", 24 * GIB), GpuView("w", 24 * GIB)]
     assert len(place([job("a"), job("b")], twins, now=0, policy=POLICY)) == 2
+
+
+def test_a_look_that_waited_takes_the_gpu_of_a_long_training() -> None:
+    training = replace(
+        RTX4090, running_account="t", busy_until=600.0, preemptible_job="train-1"
+    )  # fmt: skip
+    look = job("g", waiting_since=0.0)
+    placed = place([look], [training], now=61.0, policy=POLICY)
+    assert len(placed) == 1 and placed[0].reason is Reason.preempt
+    assert (placed[0].worker_id, placed[0].preempts, placed[0].starts_now) == (
+        "4090",
+        "train-1",
+        False,
+    )
+    # Not before it waited preempt_after_s, not for a training about to end, not
+    # for a training job, and never with preemption off.
+    assert place([look], [training], now=30.0, policy=POLICY) == []
+    ending = replace(training, busy_until=61.0 + 60.0)
+    assert place([look], [ending], now=61.0, policy=POLICY) == []
+    other_training = job("t2", kind="train", waiting_since=0.0)
+    assert place([other_training], [training], now=61.0, policy=POLICY) == []
+    off = replace(POLICY, preempt_after_s=None)
+    assert place([look], [training], now=61.0, policy=off) == []
+    # One GPU yields once: a second look waits.
+    two = [look, job("g2", waiting_since=0.0, account="b")]
+    assert len(place(two, [training], now=61.0, policy=POLICY)) == 1
