@@ -75,8 +75,8 @@ QUEUE_DEPTH = Gauge(
 )  # fmt: skip
 QUEUE_WAIT = Histogram(
     "atelier_queue_wait_seconds",
-    "From runnable to placed, by kind",
-    ["kind"],
+    "From runnable to placed, by kind and priority",
+    ["kind", "priority"],
     buckets=_JOB_BUCKETS,
 )
 SCHEDULER_TICK = Histogram(

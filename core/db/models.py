@@ -231,6 +231,9 @@ class Worker(SQLModel, table=True):
     profiles: list[str] = Field(default_factory=list, sa_type=JSONB)
     loras: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)
     busy_until: datetime | None = _when()
+    # When the published inventory was taken: an older snapshot written late (the
+    # heartbeat racing a job's outcome) never replaces a newer one.
+    inventory_at: datetime | None = _when()
     started_at: datetime = _created()
     last_seen: datetime = _created()
     stopped_at: datetime | None = _when()

@@ -188,7 +188,8 @@ async def place_round(
         _apply(job, placement, by_id[placement.job_id], shapes[placement.job_id])
         if placement.preempts is not None:
             await _ask_to_yield(session, uuid.UUID(placement.preempts))
-        QUEUE_WAIT.labels(kind=job.kind).observe(-by_id[placement.job_id].waiting_since)
+        waited = -by_id[placement.job_id].waiting_since
+        QUEUE_WAIT.labels(kind=job.kind, priority=str(job.priority)).observe(waited)
         placed.append(Placed(job.id, job.kind, placement.worker_id, placement.reason))
     await session.flush()
     return placed

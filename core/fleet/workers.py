@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import func, or_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.db.models import Worker
+from core.db.models import Worker, utcnow
 from core.errors import InvalidInput
 
 _UNITS = {"": 1, "B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "GB": 10**9, "MB": 10**6}
@@ -42,12 +42,13 @@ def new_worker_id(name: str) -> str:
 
 @dataclass(frozen=True)
 class Inventory:
-    """What a GPU worker holds, as of its last heartbeat."""
+    """What a GPU worker holds, as of ``taken_at``."""
 
     vram_free_bytes: int | None
     profiles: list[str] = field(default_factory=list)  # base pipelines, least recent first
     loras: dict[str, list[str]] = field(default_factory=dict)  # tier -> LoRA sha256s
     busy_until: datetime | None = None  # when the running job is expected to end
+    taken_at: datetime = field(default_factory=utcnow)
 
     def columns(self) -> dict[str, Any]:
         return {
@@ -55,6 +56,7 @@ class Inventory:
             "profiles": self.profiles,
             "loras": self.loras,
             "busy_until": self.busy_until,
+            "inventory_at": self.taken_at,
         }
 
 
@@ -80,12 +82,13 @@ async def touch_worker(
     """The heartbeat: last_seen, and the inventory of a GPU worker. A worker marked
     gone whose heartbeat comes back (a pause, a network blip) is live again; the
     job it ran was requeued meanwhile and its own attempt stops on its next beat."""
-    values = {
-        "last_seen": func.now(),
-        "gone_at": None,
-        **(inventory.columns() if inventory else {}),
-    }
-    await session.execute(update(Worker).where(col(Worker.id) == worker_id).values(**values))
+    this = col(Worker.id) == worker_id
+    await session.execute(update(Worker).where(this).values(last_seen=func.now(), gone_at=None))
+    if inventory is not None:
+        newer = or_(
+            col(Worker.inventory_at).is_(None), col(Worker.inventory_at) < inventory.taken_at
+        )
+        await session.execute(update(Worker).where(this, newer).values(**inventory.columns()))
 
 
 async def live_gpu_workers(session: AsyncSession, stale_after: timedelta) -> list[Worker]:

@@ -44,6 +44,7 @@ from core.fleet.measurement import expected_peak
 from core.jobs.execution import JobContext, JobResult
 from core.ml.resident import (
     forget_resident_loras,
+    pin_lora,
     resident_checkpoint_identity,
     resident_lora_cache,
     resident_pipeline,
@@ -330,10 +331,12 @@ async def run_training(ctx: JobContext) -> JobResult:
 
 
 def _keep_hot(settings: Settings, pipe: Any, profile: Profile, sha256: str, lora: bytes) -> None:
-    """Put the trained LoRA in this worker's cache (a resident adapter, disabled)."""
+    """Put the trained LoRA in this worker's cache (a resident adapter, disabled),
+    pinned against the erasure sweep until its row commits with the job."""
     from core.ml.lora_cache import LoraWeights
     from core.ml.pipeline import exclusive
 
+    pin_lora(sha256)
     cache = resident_lora_cache(settings, pipe, profile)
     with exclusive(pipe):
         cache.activate(LoraWeights(sha256, lora))

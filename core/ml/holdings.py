@@ -29,12 +29,16 @@ def busy_until(executor: Executor, now: datetime) -> datetime | None:
 
 
 def gpu_inventory(settings: Settings, memory: Device, executor: Executor) -> Inventory:
-    """Waits for a LoRA switch in progress (milliseconds): call it off the event loop."""
+    """Waits for a LoRA switch in progress (milliseconds): call it off the event loop.
+    Stamped before anything is read, so a snapshot published late never passes for
+    newer than one taken after it."""
+    taken = utcnow()
     pipelines = held_pipelines()
     held = sum(nbytes for _, nbytes in pipelines)
     return Inventory(
         vram_free_bytes=memory.free_bytes(held),
         profiles=[profile for profile, _ in pipelines],
         loras=lora_inventory(settings).tiers(),
-        busy_until=busy_until(executor, utcnow()),
+        busy_until=busy_until(executor, taken),
+        taken_at=taken,
     )

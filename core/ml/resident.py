@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -179,11 +180,34 @@ async def erase_orphaned_loras(
     # The inventory reads the caches' own records (thread-safe): no model thread needed.
     held = (await asyncio.to_thread(lora_inventory, settings)).held()
     async with sessions() as session:
-        orphans = held - await live_lora_shas(session, held)
+        live = await live_lora_shas(session, held)
+    orphans = held - live - _pinned(live)
     if not orphans:
         return []
     erased: list[str] = await run(evict_loras, settings, orphans)
     return erased
+
+
+# LoRAs a running training put in the cache before its ``lora`` row commits with the
+# job's success (sha256 -> monotonic expiry): the sweep must not take them for an
+# erased subject's. A pin ends once the row is seen, or after PIN_S if it never comes.
+_pins: dict[str, float] = {}
+_pins_guard = threading.Lock()
+PIN_S = 600.0
+
+
+def pin_lora(sha256: str) -> None:
+    with _pins_guard:
+        _pins[sha256] = time.monotonic() + PIN_S
+
+
+def _pinned(live: set[str]) -> set[str]:
+    """The pinned LoRAs still waiting for their row (dropping the others' pins)."""
+    now = time.monotonic()
+    with _pins_guard:
+        for sha in [s for s, until in _pins.items() if s in live or until < now]:
+            del _pins[sha]
+        return set(_pins)
 
 
 def forget_resident_loras(pipe: Any) -> None:

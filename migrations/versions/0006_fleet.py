@@ -29,6 +29,7 @@ def upgrade() -> None:
     op.add_column('worker', sa.Column('profiles', JSONB, server_default=sa.text("'[]'"), nullable=False))
     op.add_column('worker', sa.Column('loras', JSONB, server_default=sa.text("'{}'"), nullable=False))
     op.add_column('worker', sa.Column('busy_until', TIMESTAMP, nullable=True))
+    op.add_column('worker', sa.Column('inventory_at', TIMESTAMP, nullable=True))
     op.add_column('worker', sa.Column('gone_at', TIMESTAMP, nullable=True))
     op.create_index('ix_worker_pool_live', 'worker', ['pool', 'last_seen'])
 
@@ -56,5 +57,5 @@ def downgrade() -> None:
     for column in ('preempt_requested', 'vram_floor_bytes', 'peak_vram_bytes', 'placement', 'placed_on'):
         op.drop_column('job', column)
     op.drop_index('ix_worker_pool_live', table_name='worker')
-    for column in ('gone_at', 'busy_until', 'loras', 'profiles', 'vram_free_bytes', 'pool'):
+    for column in ('gone_at', 'inventory_at', 'busy_until', 'loras', 'profiles', 'vram_free_bytes', 'pool'):
         op.drop_column('worker', column)

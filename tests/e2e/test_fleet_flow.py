@@ -145,7 +145,11 @@ async def test_out_of_memory_moves_training_to_the_5090_and_the_look_follows_its
     assert done["status"] == "succeeded", (done, fleet.log("rtx5090"))
     train_row, gen_row = await _row(sessions, training["id"]), await _row(sessions, done["id"])
     assert train_row.placed_on == ids["rtx5090"] and train_row.vram_floor_bytes > 24 * 2**30
-    assert gen_row.placed_on == ids["rtx5090"]
+    placed_log = [line for line in fleet.log("scheduler").splitlines() if "placed on" in line]
+    async with session_scope(sessions) as session:
+        rows = (await session.exec(select(Worker))).all()
+    seen = [(w.name, w.profiles, w.loras, w.inventory_at, w.last_seen) for w in rows]
+    assert gen_row.placed_on == ids["rtx5090"], (gen_row.placement, placed_log, seen)
     assert gen_row.placement and gen_row.placement["reason"].startswith("affinity-lora")
     assert gen_row.peak_vram_bytes == 3 * 2**30  # the declared peak: a CPU host measures none
 

@@ -277,3 +277,20 @@ async def test_a_waiting_look_makes_a_long_training_yield(
         assert await states.yield_gpu(session, train, RTX4090)
     yielded = await _placed(sessions, train)
     assert (yielded.status, yielded.attempts, yielded.preempt_requested) == ("queued", 0, False)
+
+
+async def test_an_older_inventory_written_late_never_replaces_a_newer_one(
+    fleet: tuple[Dispatcher, ArqRedis], sessions: Sessions
+) -> None:
+    # A heartbeat read the caches, then a job's outcome published the LoRA it left
+    # hot, then the heartbeat's write arrived: the LoRA must stay published.
+    before = utcnow()
+    after = Inventory(30 * GIB, ["tiny"], {"vram": ["sha-new"]}, taken_at=utcnow())
+    async with session_scope(sessions) as session:
+        await touch_worker(session, RTX5090, after)
+    async with session_scope(sessions) as session:
+        await touch_worker(session, RTX5090, Inventory(30 * GIB, ["tiny"], {}, taken_at=before))
+    async with sessions() as session:
+        row = await session.get(Worker, RTX5090)
+    assert row is not None and row.loras == {"vram": ["sha-new"]}
+    assert row.last_seen >= after.taken_at  # the heartbeat itself still counted

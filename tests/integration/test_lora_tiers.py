@@ -224,3 +224,30 @@ async def test_erasing_a_subject_removes_its_lora_from_every_tier(
     fetched = len(store.gets)
     assert await _generate(sessions, tiers, store, account, kept) == kept_png
     assert len(store.gets) == fetched
+
+
+async def test_a_freshly_trained_lora_is_not_taken_for_an_erased_one(
+    tiers: Settings, sessions: Sessions, tiny_model_dir: Path
+) -> None:
+    """A training puts its LoRA in the cache before its row commits with the job:
+    the sweep in between must leave it alone (it raced the commit before the pin)."""
+    from core.ml.lora_cache import LoraWeights
+    from core.ml.pipeline import exclusive
+    from core.ml.resident import erase_orphaned_loras, lora_inventory, pin_lora
+
+    fresh = _tiny_lora(tiers, seed=41)
+    sha = hashlib.sha256(fresh).hexdigest()
+    pin_lora(sha)
+    cache = _cache(tiers)
+    with exclusive(cache.pipe):
+        cache.activate(LoraWeights(sha, fresh))
+        cache.deactivate()
+    # No row yet, but pinned (earlier tests' erased LoRAs may go in the same sweep).
+    assert sha not in await erase_orphaned_loras(tiers, sessions)
+    assert sha in lora_inventory(tiers).held()
+    # Unpinned and still without a row (the job failed after training): swept.
+    from core.ml import resident
+
+    resident._pins.pop(sha)
+    assert sha in await erase_orphaned_loras(tiers, sessions)
+    assert sha not in lora_inventory(tiers).held()
