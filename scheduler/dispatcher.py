@@ -47,6 +47,9 @@ log = logging.getLogger("atelier.scheduler")
 
 # CPU jobs handed out per tick; the rest wait for the next tick.
 DISPATCH_BATCH = 32
+# The gauges' two queries run at most this often, not every tick: Prometheus scrapes
+# every 15 s or so.
+GAUGES_EVERY_S = 5.0
 CPU_KINDS = [kind.value for kind, pool in POOL_BY_KIND.items() if pool is Pool.cpu]
 
 
@@ -69,6 +72,7 @@ class Dispatcher:
     redis: ArqRedis
     costs: CostTable = field(init=False)
     policy: PlacementPolicy = field(init=False)
+    gauges_at: float = field(init=False, default=-GAUGES_EVERY_S)
 
     def __post_init__(self) -> None:
         self.costs = cached_cost_table(self.settings.cost_table)
@@ -84,8 +88,10 @@ class Dispatcher:
         await self.dispatch()
         await self.reap()
         await self.reconcile()
-        async with session_scope(self.sessions) as session:
-            await refresh_gauges(session)
+        if started - self.gauges_at >= GAUGES_EVERY_S:
+            self.gauges_at = started
+            async with session_scope(self.sessions) as session:
+                await refresh_gauges(session)
         SCHEDULER_TICK.observe(time.perf_counter() - started)
 
     async def depart(self) -> None:

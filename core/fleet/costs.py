@@ -25,12 +25,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from core.db.models import Job
 from core.fleet.placement import GIB, JobCost
+from core.ml.profiles import PROFILES
 
 COST_TABLE = Path(__file__).with_name("cost_table.json")
 DEFAULT_PRESET = "default"
 # How fast observed seconds replace the table's: the weight of each new job.
 EWMA_WEIGHT = 0.3
+# The fashion CLIP's shape in the cost table (catalog_embed jobs name no profile).
+CLIP_PROFILE, CLIP_SIDE = "clip", 224
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,23 @@ def units_of(kind: str, params: dict[str, Any], default_steps: int) -> float:
         images = int(params.get("candidates") or params.get("num_images") or 1)
         return float(images * int(params.get("steps") or default_steps))
     return 1.0
+
+
+def job_shape(job: Job) -> JobShape:
+    """The shape of a job row (its profile's side unless its params say)."""
+    if job.kind == "catalog_embed":
+        return JobShape(job.kind, CLIP_PROFILE, CLIP_SIDE)
+    profile = PROFILES[str(job.params.get("profile"))]
+    return shape_of(job.kind, job.params, profile.name, profile.resolution)
+
+
+def job_units(job: Job) -> float:
+    """The units of work of a job row (its profile's step counts by default)."""
+    profile = PROFILES.get(str(job.params.get("profile")))
+    if profile is None:
+        return 1.0
+    steps = profile.train_steps if job.kind == "train" else profile.inference_steps
+    return units_of(job.kind, job.params, steps)
 
 
 def _row(data: dict[str, Any]) -> CostRow:

@@ -9,8 +9,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.models import Job, JobStatus
 from core.fleet.cost_store import record_finished, record_out_of_memory
+from core.fleet.costs import job_units
 from core.fleet.device import Device
-from core.fleet.placing import job_units
 from core.jobs.states import requeue_after_out_of_memory
 from core.metrics import OOM_RETRIES
 

@@ -17,14 +17,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, text, update
-from sqlalchemy.orm import aliased
+from sqlalchemy import or_, text, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.models import Job, JobStatus, Lora, Worker, utcnow
 from core.fleet.cost_store import observed_costs
-from core.fleet.costs import CostTable, JobShape, ObservedCost, shape_of, units_of
+from core.fleet.costs import CostTable, JobShape, ObservedCost, job_shape, job_units
 from core.fleet.placement import (
     GpuView,
     PendingJob,
@@ -36,15 +35,13 @@ from core.fleet.placement import (
 )
 from core.fleet.workers import live_gpu_workers
 from core.jobs.routing import POOL_BY_KIND, Pool
+from core.jobs.scheduling import runnable_queued
 from core.jobs.states import finish, unplace
 from core.metrics import PLACEMENTS, QUEUE_WAIT
-from core.ml.profiles import PROFILES
 
 # Any constant both schedulers agree on: the key of the placement lock.
 PLACEMENT_LOCK = 0x61746C72  # "atlr"
 GPU_KINDS = [kind.value for kind, pool in POOL_BY_KIND.items() if pool is Pool.gpu]
-# The fashion CLIP's shape in the cost table (catalog_embed jobs name no profile).
-CLIP_PROFILE, CLIP_SIDE = "clip", 224
 
 
 @dataclass(frozen=True)
@@ -55,37 +52,11 @@ class Placed:
     reason: Reason
 
 
-def job_shape(job: Job) -> JobShape:
-    if job.kind == "catalog_embed":
-        return JobShape(job.kind, CLIP_PROFILE, CLIP_SIDE)
-    profile = PROFILES[str(job.params.get("profile"))]
-    return shape_of(job.kind, job.params, profile.name, profile.resolution)
-
-
-def job_units(job: Job) -> float:
-    profile = PROFILES.get(str(job.params.get("profile")))
-    if profile is None:
-        return 1.0
-    steps = profile.train_steps if job.kind == "train" else profile.inference_steps
-    return units_of(job.kind, job.params, steps)
-
-
 async def _pending(session: AsyncSession, limit: int) -> list[tuple[Job, datetime]]:
     """Runnable queued GPU jobs, locked, each with when it became runnable."""
-    parent = aliased(Job)
-    query = (
-        select(Job, func.greatest(col(Job.created_at), col(parent.finished_at)))
-        .outerjoin(parent, col(Job.depends_on) == col(parent.id))
-        .where(
-            col(Job.status) == JobStatus.queued.value,
-            col(Job.kind).in_(GPU_KINDS),
-            or_(col(Job.depends_on).is_(None), col(parent.status) == JobStatus.succeeded.value),
-        )
-        .order_by(col(Job.priority).desc(), col(Job.created_at))
-        .limit(limit)
-        .with_for_update(of=Job, skip_locked=True)
-    )
-    return [(job, since) for job, since in (await session.exec(query)).all()]
+    return [
+        (job, since) for job, since in (await session.exec(runnable_queued(limit, GPU_KINDS))).all()
+    ]
 
 
 async def _lora_shas(session: AsyncSession, jobs: list[Job]) -> dict[uuid.UUID, str]:
@@ -142,7 +113,7 @@ def _view(worker: Worker, jobs: list[Job], now: datetime) -> GpuView:
         loras_host=frozenset(loras.get("host", [])),
         loras_disk=frozenset(loras.get("disk", [])),
         running_account=accounts[0] if accounts else None,
-        busy_until=(until - now).total_seconds() if until and jobs else None,
+        busy_until=until.timestamp() if until and jobs else None,
         next_account=accounts[1] if len(accounts) > 1 else None,
         preemptible_job=str(running.id) if running is not None and preemptible else None,
     )
@@ -173,13 +144,14 @@ async def place_round(
     observed = await observed_costs(session, (shape.key for shape in shapes.values()))
     loras = await _lora_shas(session, [job for job, _ in pending])
     views = [
-        _pending_view(job, (now - since).total_seconds(), shapes[str(job.id)], table,
+        _pending_view(job, since, shapes[str(job.id)], table,
                       observed.get(shapes[str(job.id)].key), loras.get(job.id))
         for job, since in pending
     ]  # fmt: skip
     by_id = {view.id: view for view in views}
     placed = []
-    for placement in place(views, gpus, 0.0, policy):
+    # Placement's clock is seconds since the epoch.
+    for placement in place(views, gpus, now.timestamp(), policy):
         job = jobs[placement.job_id]
         PLACEMENTS.labels(reason=placement.reason.value).inc()
         if placement.worker_id is None:
@@ -188,7 +160,7 @@ async def place_round(
         _apply(job, placement, by_id[placement.job_id], shapes[placement.job_id])
         if placement.preempts is not None:
             await _ask_to_yield(session, uuid.UUID(placement.preempts))
-        waited = -by_id[placement.job_id].waiting_since
+        waited = now.timestamp() - by_id[placement.job_id].waiting_since
         QUEUE_WAIT.labels(kind=job.kind, priority=str(job.priority)).observe(waited)
         placed.append(Placed(job.id, job.kind, placement.worker_id, placement.reason))
     await session.flush()
@@ -197,7 +169,7 @@ async def place_round(
 
 def _pending_view(
     job: Job,
-    waited_s: float,
+    since: datetime,
     shape: JobShape,
     table: CostTable,
     seen: ObservedCost | None,
@@ -211,7 +183,7 @@ def _pending_view(
         account=str(job.account_id),
         profile=shape.profile,
         cost=table.cost(shape, job_units(job), seen),
-        waiting_since=-waited_s,  # placement runs at time 0 on its own clock
+        waiting_since=since.timestamp(),
         priority=job.priority,
         lora=lora,
         min_vram_bytes=max(job.vram_floor_bytes, learnt),

@@ -325,8 +325,9 @@ async def run_training(ctx: JobContext) -> JobResult:
     ctx.progress.stage("saving", start=_LOAD + _CLASS + _TRAIN, weight=1 - _LOAD - _CLASS - _TRAIN)
     result = await _save(ctx, subjects, profile, steps, lora, losses, resume, plan)
     # The user's looks come next, placed where their LoRA is hot: this GPU.
-    sha256 = hashlib.sha256(lora).hexdigest()
-    await ctx.compute(_keep_hot, ctx.settings, pipe, profile, sha256, lora)
+    saved = result.rows[0]
+    assert isinstance(saved, Lora)  # _save hashed the file already
+    await ctx.compute(_keep_hot, ctx.settings, pipe, profile, saved.sha256, lora)
     return result
 
 

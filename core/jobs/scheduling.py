@@ -10,12 +10,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, or_, true, update
 from sqlalchemy.orm import aliased
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel.sql.expression import Select
 
 from core.db.models import Job, JobStatus, utcnow
 from core.jobs.states import finish, retry_or_fail
@@ -50,16 +51,14 @@ async def fail_blocked_dependents(session: AsyncSession) -> int:
     return len(rows)
 
 
-async def take_dispatchable(
-    session: AsyncSession, limit: int, kinds: Sequence[str] | None = None
-) -> list[Job]:
-    """Mark up to ``limit`` runnable queued jobs (of ``kinds``, default all) ``scheduled``
-    and return them. Runnable: no prerequisite, or one that succeeded. SKIP LOCKED
-    lets several schedulers run without handing out a job twice. (GPU jobs are
-    placed instead: core.fleet.placing.)"""
+def runnable_queued(limit: int, kinds: Sequence[str] | None = None) -> Select[Job, datetime]:
+    """Up to ``limit`` runnable queued jobs (of ``kinds``, default all), each with
+    when it became runnable (created, or its prerequisite done), highest priority then
+    oldest first, locked ``FOR UPDATE SKIP LOCKED`` so several schedulers never take
+    one twice. Runnable: no prerequisite, or one that succeeded."""
     parent = aliased(Job)
-    query = (
-        select(Job)
+    return (
+        select(Job, func.greatest(col(Job.created_at), col(parent.finished_at)))
         .outerjoin(parent, col(Job.depends_on) == col(parent.id))
         .where(
             col(Job.status) == JobStatus.queued.value,
@@ -70,7 +69,15 @@ async def take_dispatchable(
         .limit(limit)
         .with_for_update(of=Job, skip_locked=True)
     )
-    jobs = list((await session.exec(query)).all())
+
+
+async def take_dispatchable(
+    session: AsyncSession, limit: int, kinds: Sequence[str] | None = None
+) -> list[Job]:
+    """Mark up to ``limit`` runnable queued jobs (of ``kinds``, default all) ``scheduled``
+    and return them (``runnable_queued``). GPU jobs are placed instead:
+    core.fleet.placing."""
+    jobs = [job for job, _ in (await session.exec(runnable_queued(limit, kinds))).all()]
     for job in jobs:
         job.status = JobStatus.scheduled.value  # type: ignore[assignment]
         job.stage = "scheduled"

@@ -193,9 +193,9 @@ def checkpoint_bytes(path: Path) -> int:
 
 class ResidentPipelines:
     """Base pipelines loaded once per process, keyed by (path, device, dtype, family),
-    least recently used first. With a ``budget_bytes`` (the device's memory), loading
-    one evicts the least recently used others until the new one, plus the memory the
-    job asks to keep free, fits; ``on_evict`` is told of each pipeline dropped."""
+    least recently used first. With a ``budget_bytes`` (the device's memory), a job
+    evicts the least recently used others until its expected peak (its pipeline
+    included) fits beside those left; ``on_evict`` is told of each pipeline dropped."""
 
     def __init__(
         self, budget_bytes: int = 0, on_evict: Callable[[Pipeline], None] | None = None
@@ -243,9 +243,6 @@ class ResidentPipelines:
                 self._on_evict(evicted.pipe)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the evicted weights back to the device
-
-    def held_bytes(self) -> int:
-        return sum(h.nbytes for h in self._held.values())
 
     def held(self) -> list[tuple[str, int]]:
         """(profile, bytes) of each pipeline held, least recently used first."""
