@@ -60,12 +60,11 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> str | None:
     return status.value if status else None
 
 
-async def _liveness(
-    settings: Settings, ctx: dict[str, Any], inventory: InventoryProvider | None
-) -> None:
+async def _liveness(settings: Settings, ctx: dict[str, Any]) -> None:
+    publish = ctx["executor"].inventory  # None on a CPU worker: it holds nothing
     while True:
         try:
-            held = await asyncio.to_thread(inventory, ctx["executor"]) if inventory else None
+            held = await asyncio.to_thread(publish) if publish else None
             async with session_scope(ctx["sessions"]) as session:
                 await touch_worker(session, ctx["worker_id"], held)
         except Exception:
@@ -142,7 +141,7 @@ def build_worker(
                 vram_bytes=device.vram_bytes,
                 queue=queue,
             )
-        ctx["liveness"] = asyncio.create_task(_liveness(settings, ctx, inventory))
+        ctx["liveness"] = asyncio.create_task(_liveness(settings, ctx))
         if pool is Pool.gpu:
             ctx["erasure"] = asyncio.create_task(_erasure_sweeps(settings, ctx, compute))
         log.info("worker %s ready on %s, queue %s", worker_id, device.device, queue)
