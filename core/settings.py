@@ -226,6 +226,29 @@ class Settings(BaseSettings):
     max_search_image_bytes: int = 10 * MiB
     max_search_query_chars: int = 200
 
+    # --- the API: looks, polling, idempotency, media, contract ---------------------
+    # Longest `?wait=` a long-poll may ask for, and the SSE stream's keep-alive
+    # comment period (proxies drop connections silent for about a minute).
+    max_wait_s: float = Field(60.0, gt=0)
+    sse_keepalive_s: float = Field(15.0, gt=0)
+    # Idempotency-Key: how long a key's first response is replayed (Stripe: 24 h),
+    # and how long a request holding a key may run before a retry may take it over
+    # (a process that died mid-request never answers).
+    idempotency_ttl_s: int = Field(24 * 3600, ge=60)
+    idempotency_lease_s: float = Field(60.0, gt=0)
+    # Media URLs an <img>/<video> tag loads without a bearer header: HMAC-SHA256 over
+    # path and expiry with this key (shared by every API process; unset: a key
+    # derived from the database URL, fine for one host, not for production), valid
+    # this long.
+    url_signing_key: SecretStr | None = None
+    signed_url_ttl_s: int = Field(3600, ge=1)
+    # Origins a browser may call the API from (CORS); empty: none but the API's own.
+    cors_origins: list[str] = Field(default_factory=list)
+    # Seconds a client is told to wait (Retry-After) when Postgres or Redis is down.
+    unavailable_retry_after_s: int = Field(5, ge=1)
+    # Log lines as text or as one JSON object each (with request and job ids).
+    log_format: Literal["text", "json"] = "text"
+
     @property
     def served_profiles(self) -> list[str]:
         """The default profile first, then the others served, each once."""

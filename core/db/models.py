@@ -41,6 +41,13 @@ def _when() -> Any:
     return Field(default=None, sa_type=TIMESTAMP)
 
 
+def _job_fk() -> Any:
+    return Field(
+        default=None,
+        sa_column=Column(ForeignKey("job.id", ondelete="SET NULL"), nullable=True, index=True),
+    )
+
+
 def _fk(target: str, *, nullable: bool = False, index: bool = True) -> Any:
     # ON DELETE CASCADE: erasing an account or subject erases what hangs off it.
     return Field(
@@ -251,3 +258,44 @@ class JobCostRow(SQLModel, table=True):
     peak_vram_bytes: int = Field(sa_type=BigInteger)
     oom_floor_bytes: int = Field(default=0, sa_type=BigInteger)
     updated_at: datetime = _created()
+
+
+class Look(SQLModel, table=True):
+    """One shopper request: photos' subject + prompt in; images, their products and
+    (on request) a spin video out. The work is child jobs; the look names them, and
+    its status, stage and progress are read from them (``core.looks``)."""
+
+    __table_args__ = (Index("ix_look_account_created", "account_id", "created_at"),)
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    account_id: uuid.UUID = _fk("account.id", index=False)
+    subject_id: uuid.UUID = _fk("subject.id")
+    # The resolved core.looks.LookSpec: what was asked, every default filled.
+    spec: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)
+    # The children. A training may be shared with other looks of the subject (it
+    # was running when this look came); SET NULL keeps the look readable if a job
+    # row is ever removed.
+    train_job_id: uuid.UUID | None = _job_fk()
+    generate_job_id: uuid.UUID | None = _job_fk()
+    video_job_id: uuid.UUID | None = _job_fk()
+    canceled_at: datetime | None = _when()
+    created_at: datetime = _created()
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """A POST's Idempotency-Key (Stripe's semantics): the request it was first used
+    with (a fingerprint of method, path and body) and, once answered, the response
+    to replay; while ``locked_until`` is ahead the first request is still running."""
+
+    __tablename__ = "idempotency_key"
+    account_id: uuid.UUID = Field(
+        sa_column=Column(ForeignKey("account.id", ondelete="CASCADE"), primary_key=True)
+    )
+    key: str = Field(primary_key=True, max_length=255)
+    method: str = Field(sa_type=String(8))
+    path: str
+    fingerprint: str
+    locked_until: datetime | None = _when()
+    response_status: int | None = None
+    response_body: bytes | None = None
+    response_headers: dict[str, Any] | None = Field(default=None, sa_type=JSONB)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=TIMESTAMP, index=True)

@@ -1,0 +1,105 @@
+"""The look resource, Idempotency-Key records, and change notifications that wake
+long-polls and event streams
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-12-08 03:00:00.000000
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision: str = '0007'
+down_revision: str | None = '0006'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+JSONB = postgresql.JSONB(astext_type=sa.Text())
+TIMESTAMP = sa.DateTime(timezone=True)
+UUID = sa.Uuid()
+
+# Every committed change to a job or a look is announced on one channel as
+# "job <id>" or "look <id>"; a job's change also names the looks it belongs to.
+# Postgres delivers notifications at commit and folds duplicates within one
+# transaction, so a waiter wakes once per commit, never before the row is visible.
+NOTIFY_FUNCTIONS = ("""
+CREATE FUNCTION atelier_notify_job() RETURNS trigger AS $$
+DECLARE
+    owner uuid;
+BEGIN
+    PERFORM pg_notify('atelier_change', 'job ' || NEW.id::text);
+    FOR owner IN
+        SELECT id FROM look
+        WHERE train_job_id = NEW.id OR generate_job_id = NEW.id OR video_job_id = NEW.id
+    LOOP
+        PERFORM pg_notify('atelier_change', 'look ' || owner::text);
+    END LOOP;
+    RETURN NULL;
+END
+$$ LANGUAGE plpgsql
+""", """
+CREATE FUNCTION atelier_notify_look() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_notify('atelier_change', 'look ' || NEW.id::text);
+    RETURN NULL;
+END
+$$ LANGUAGE plpgsql
+""", """
+CREATE TRIGGER job_notify AFTER INSERT OR UPDATE ON job
+    FOR EACH ROW EXECUTE FUNCTION atelier_notify_job()
+""", """
+CREATE TRIGGER look_notify AFTER INSERT OR UPDATE ON look
+    FOR EACH ROW EXECUTE FUNCTION atelier_notify_look()
+""")
+
+
+def _job_fk(name: str) -> sa.Column:
+    return sa.Column(name, UUID, sa.ForeignKey('job.id', ondelete='SET NULL'), nullable=True)
+
+
+def upgrade() -> None:
+    op.create_table(
+        'look',
+        sa.Column('id', UUID, primary_key=True),
+        sa.Column('account_id', UUID, sa.ForeignKey('account.id', ondelete='CASCADE'), nullable=False),
+        sa.Column('subject_id', UUID, sa.ForeignKey('subject.id', ondelete='CASCADE'), nullable=False),
+        sa.Column('spec', JSONB, nullable=False),
+        _job_fk('train_job_id'),
+        _job_fk('generate_job_id'),
+        _job_fk('video_job_id'),
+        sa.Column('canceled_at', TIMESTAMP, nullable=True),
+        sa.Column('created_at', TIMESTAMP, nullable=False),
+    )
+    op.create_index('ix_look_account_created', 'look', ['account_id', 'created_at'])
+    op.create_index('ix_look_subject_id', 'look', ['subject_id'])
+    for column in ('train_job_id', 'generate_job_id', 'video_job_id'):
+        op.create_index(f'ix_look_{column}', 'look', [column])
+
+    op.create_table(
+        'idempotency_key',
+        sa.Column('account_id', UUID, sa.ForeignKey('account.id', ondelete='CASCADE'), primary_key=True),
+        sa.Column('key', sa.String(255), primary_key=True),
+        sa.Column('method', sa.String(8), nullable=False),
+        sa.Column('path', sa.String(), nullable=False),
+        sa.Column('fingerprint', sa.String(), nullable=False),
+        sa.Column('locked_until', TIMESTAMP, nullable=True),
+        sa.Column('response_status', sa.Integer(), nullable=True),
+        sa.Column('response_body', sa.LargeBinary(), nullable=True),
+        sa.Column('response_headers', JSONB, nullable=True),
+        sa.Column('created_at', TIMESTAMP, nullable=False),
+    )
+    op.create_index('ix_idempotency_key_created_at', 'idempotency_key', ['created_at'])
+    for statement in NOTIFY_FUNCTIONS:
+        op.execute(statement)
+
+
+def downgrade() -> None:
+    op.execute('DROP TRIGGER look_notify ON look')
+    op.execute('DROP TRIGGER job_notify ON job')
+    op.execute('DROP FUNCTION atelier_notify_look()')
+    op.execute('DROP FUNCTION atelier_notify_job()')
+    op.drop_table('idempotency_key')
+    op.drop_table('look')
