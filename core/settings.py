@@ -237,9 +237,8 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(24 * 3600, ge=60)
     idempotency_lease_s: float = Field(60.0, gt=0)
     # Media URLs an <img>/<video> tag loads without a bearer header: HMAC-SHA256 over
-    # path and expiry with this key (shared by every API process; unset: a key
-    # derived from the database URL, fine for one host, not for production), valid
-    # this long.
+    # path and expiry with this key (unset: a random key generated once and kept in
+    # Postgres, so every API process shares it), valid this long.
     url_signing_key: SecretStr | None = None
     signed_url_ttl_s: int = Field(3600, ge=1)
     # Origins a browser may call the API from (CORS); empty: none but the API's own.

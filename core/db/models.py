@@ -299,3 +299,12 @@ class IdempotencyKey(SQLModel, table=True):
     response_body: bytes | None = None
     response_headers: dict[str, Any] | None = Field(default=None, sa_type=JSONB)
     created_at: datetime = Field(default_factory=utcnow, sa_type=TIMESTAMP, index=True)
+
+
+class Secret(SQLModel, table=True):
+    """A key atelier generated for itself (the media-URL signing key when no setting
+    gives one): made once by whichever process needs it first, shared by all."""
+
+    name: str = Field(primary_key=True, max_length=64)
+    value: bytes
+    created_at: datetime = _created()

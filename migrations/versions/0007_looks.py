@@ -1,4 +1,4 @@
-"""The look resource, Idempotency-Key records, and change notifications that wake
+"""The look resource, Idempotency-Key records, generated secrets, and change notifications that wake
 long-polls and event streams
 
 Revision ID: 0007
@@ -92,6 +92,13 @@ def upgrade() -> None:
         sa.Column('created_at', TIMESTAMP, nullable=False),
     )
     op.create_index('ix_idempotency_key_created_at', 'idempotency_key', ['created_at'])
+
+    op.create_table(
+        'secret',
+        sa.Column('name', sa.String(64), primary_key=True),
+        sa.Column('value', sa.LargeBinary(), nullable=False),
+        sa.Column('created_at', TIMESTAMP, nullable=False),
+    )
     for statement in NOTIFY_FUNCTIONS:
         op.execute(statement)
 
@@ -101,5 +108,6 @@ def downgrade() -> None:
     op.execute('DROP TRIGGER job_notify ON job')
     op.execute('DROP FUNCTION atelier_notify_look()')
     op.execute('DROP FUNCTION atelier_notify_job()')
+    op.drop_table('secret')
     op.drop_table('idempotency_key')
     op.drop_table('look')
