@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from redis.asyncio import Redis
 
-from api import problems
+from api import outages, problems, request_ids
 from api.routes import admin, generations, jobs, outputs, products, search, subjects, system
+from core import logs
 from core.blobs.store import blob_store_from_settings
 from core.db.engine import make_engine, make_sessionmaker
 from core.metrics import HTTP_LATENCY, HTTP_REQUESTS
@@ -22,14 +24,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logs.configure(settings, "api")
         engine = make_engine(settings)
         app.state.settings = settings
+        # Timeouts bound how long a request waits on a Redis that does not answer.
+        app.state.redis = Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=settings.redis_timeout_s,
+            socket_timeout=settings.redis_timeout_s,
+        )
         app.state.sessions = make_sessionmaker(engine)
         app.state.store = blob_store_from_settings(settings)
         app.state.searcher = CatalogSearcher(
             settings, app.state.store, settings.models_dir / "encoder-cache"
         )
         yield
+        await app.state.redis.aclose()
         await engine.dispose()
 
     app = FastAPI(
@@ -39,6 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    outages.install(app)
+    request_ids.install(app)
     # search before products: /v1/products/search is not a product id.
     for module in (subjects, generations, jobs, search, outputs, products, admin, system):
         app.include_router(module.router)

@@ -245,6 +245,12 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     # Seconds a client is told to wait (Retry-After) when Postgres or Redis is down.
     unavailable_retry_after_s: int = Field(5, ge=1)
+    # Seconds to wait for a connection to Postgres (asyncpg's default is 60 s), for
+    # Redis to connect or answer, and for each dependency /healthz checks, before
+    # calling it down.
+    database_connect_timeout_s: float = Field(5.0, gt=0)
+    redis_timeout_s: float = Field(5.0, gt=0)
+    health_check_timeout_s: float = Field(2.0, gt=0)
     # Log lines as text or as one JSON object each (with request and job ids).
     log_format: Literal["text", "json"] = "text"
 

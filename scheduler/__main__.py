@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 from prometheus_client import start_http_server
 
+from core import logs
 from core.db.engine import make_engine, make_sessionmaker
 from core.settings import get_settings
 from scheduler.dispatcher import Dispatcher
@@ -26,8 +26,8 @@ async def _main() -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = get_settings()
+    logs.configure(settings, "scheduler")
     if settings.scheduler_metrics_port:
         start_http_server(settings.scheduler_metrics_port)
     with contextlib.suppress(KeyboardInterrupt):

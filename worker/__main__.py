@@ -24,6 +24,7 @@ from types import FrameType
 from arq.worker import Worker
 from prometheus_client import start_http_server
 
+from core import logs
 from core.fleet.device import DeclaredDevice
 from core.fleet.device import Device as DeviceMemory
 from core.fleet.workers import parse_bytes
@@ -138,9 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.kind == "crawl":
         # The console shows the progress line and the summary counts errors by kind;
         # a warning per corrupt image would break the line. Errors still show.
-        logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(message)s")
+        logs.configure(settings, "crawl", level=logging.ERROR)
         raise SystemExit(asyncio.run(crawl_in_foreground(settings, args.site)))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.configure(settings, f"worker-{args.kind}")
     if args.kind == "cpu":
         _serve_metrics(args.metrics_port, settings.cpu_worker_metrics_port)
         build_cpu_worker(settings, burst=args.burst).run()

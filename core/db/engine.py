@@ -12,9 +12,16 @@ from core.settings import Settings
 
 
 def make_engine(settings: Settings) -> AsyncEngine:
-    # pre_ping: a worker idles for minutes between jobs; stale connections are
-    # replaced instead of failing the next job.
-    return create_async_engine(settings.database_url, pool_pre_ping=True)
+    # pre_ping: a worker idles for minutes between jobs, and Postgres may have
+    # restarted meanwhile; stale connections are replaced instead of failing the
+    # next job or request, so a process recovers alone once Postgres is back.
+    # timeout: asyncpg's connect otherwise waits 60 s on a host that does not
+    # answer; a request should fail fast (503) instead.
+    return create_async_engine(
+        settings.database_url,
+        pool_pre_ping=True,
+        connect_args={"timeout": settings.database_connect_timeout_s},
+    )
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

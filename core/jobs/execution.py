@@ -32,6 +32,7 @@ from core.fleet.measurement import expected_peak, out_of_memory, record_measurem
 from core.fleet.workers import Inventory, touch_worker
 from core.jobs import states
 from core.jobs.progress import ProgressTracker
+from core.logs import job_context
 from core.metrics import JOB_DURATION, JOBS_RUNNING
 from core.settings import Settings
 
@@ -99,6 +100,12 @@ class Executor:
 
     async def execute(self, job_id: uuid.UUID) -> JobStatus | None:
         """Run one attempt of the job; returns its status after, None if skipped."""
+        # Every line logged during the attempt (heartbeat task and to_thread work
+        # included: both copy the context) carries the job id.
+        with job_context(job_id):
+            return await self._execute(job_id)
+
+    async def _execute(self, job_id: uuid.UUID) -> JobStatus | None:
         async with session_scope(self.sessions) as session:
             job = await states.claim(session, job_id, self.worker_id)
         if job is None:
