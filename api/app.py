@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request, Response
 from redis.asyncio import Redis
 
 from api import outages, problems, request_ids
+from api.idempotency import IdempotencyMiddleware
 from api.routes import admin, generations, jobs, outputs, products, search, subjects, system
 from core import logs
 from core.blobs.store import blob_store_from_settings
@@ -49,6 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    # Inside the request-id, outage and metrics layers: a replay gets this request's id.
+    app.add_middleware(IdempotencyMiddleware)
     outages.install(app)
     request_ids.install(app)
     # search before products: /v1/products/search is not a product id.

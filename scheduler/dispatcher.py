@@ -26,10 +26,12 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.engine import session_scope
+from core.db.models import utcnow
 from core.fleet.costs import CostTable, cached_cost_table
 from core.fleet.placement import PlacementPolicy
 from core.fleet.placing import place_round, requeue_from_departed
 from core.fleet.workers import mark_gone
+from core.idempotency import sweep_expired
 from core.jobs import scheduling
 from core.jobs.routing import POOL_BY_KIND, Pool
 from core.metrics import (
@@ -50,6 +52,8 @@ DISPATCH_BATCH = 32
 # The gauges' two queries run at most this often, not every tick: Prometheus scrapes
 # every 15 s or so.
 GAUGES_EVERY_S = 5.0
+# Idempotency-Key rows past their TTL are deleted this often (claims already ignore them).
+SWEEP_KEYS_EVERY_S = 60.0
 CPU_KINDS = [kind.value for kind, pool in POOL_BY_KIND.items() if pool is Pool.cpu]
 
 
@@ -73,6 +77,7 @@ class Dispatcher:
     costs: CostTable = field(init=False)
     policy: PlacementPolicy = field(init=False)
     gauges_at: float = field(init=False, default=-GAUGES_EVERY_S)
+    swept_at: float = field(init=False, default=-SWEEP_KEYS_EVERY_S)
 
     def __post_init__(self) -> None:
         self.costs = cached_cost_table(self.settings.cost_table)
@@ -92,6 +97,9 @@ class Dispatcher:
             self.gauges_at = started
             async with session_scope(self.sessions) as session:
                 await refresh_gauges(session)
+        if started - self.swept_at >= SWEEP_KEYS_EVERY_S:
+            self.swept_at = started
+            await self.sweep_idempotency_keys()
         SCHEDULER_TICK.observe(time.perf_counter() - started)
 
     async def depart(self) -> None:
@@ -160,6 +168,13 @@ class Dispatcher:
             await send(self.redis, job.id, new_id, queue)
             JOBS_REENQUEUED.inc()
             log.warning("job %s: its message was lost, re-sent", job.id)
+
+    async def sweep_idempotency_keys(self) -> None:
+        ttl = timedelta(seconds=self.settings.idempotency_ttl_s)
+        async with session_scope(self.sessions) as session:
+            swept = await sweep_expired(session, now=utcnow(), ttl=ttl)
+        if swept:
+            log.info("deleted %d expired Idempotency-Keys", swept)
 
     async def run_forever(self) -> None:
         log.info("scheduler running (poll every %.1fs)", self.settings.scheduler_poll_s)

@@ -25,6 +25,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core.cursor import before_cursor, encode_cursor
 from core.db.models import ACTIVE, Job, JobKind, JobStatus, utcnow
 from core.errors import Conflict, NotFound
+from core.idempotency import IdempotencyKeyReused
 from core.metrics import JOBS_CREATED, JOBS_FINISHED
 
 _now = func.now
@@ -41,7 +42,15 @@ async def create_job(
     depends_on: uuid.UUID | None = None,
     idempotency_key: str | None = None,
 ) -> Job:
-    """Insert a queued job; with an idempotency key, a repeat returns the first job."""
+    """Insert a queued job; with an idempotency key, a repeat returns the first job.
+
+    The API's Idempotency-Key middleware compares whole requests (method, path and
+    body) and replays the first response; the key on the job row is the backstop
+    for a request whose process died after committing the job but before storing
+    its response: its retry (the same request, by the middleware's check) gets
+    the job made then. Kind and subject are still compared, a cheap guard for a
+    caller without the middleware; params are not: a random default (the seed)
+    makes them differ between two runs of one request."""
     values = dict(
         id=uuid.uuid4(),
         account_id=account_id,
@@ -69,7 +78,7 @@ async def create_job(
         ).first()
         assert existing is not None
         if existing.kind != kind.value or existing.subject_id != subject_id:
-            raise Conflict("Idempotency-Key was already used for a different request")
+            raise IdempotencyKeyReused("this Idempotency-Key was first used for another job")
         return existing
     JOBS_CREATED.labels(kind=kind.value).inc()
     job = await session.get(Job, inserted)
