@@ -62,11 +62,15 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(request, 422, "invalid-request", "Invalid request", detail, errors=errors)
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
+    titles = {400: "Bad request", 404: "Not found", 405: "Method not allowed"}
+    title = titles.get(exc.status_code, "HTTP error")
     code = title.lower().replace(" ", "-")
-    return problem(request, exc.status_code, code, title, str(exc.detail))
+    response = problem(request, exc.status_code, code, title, str(exc.detail))
+    # Starlette's 405 names the methods the path takes (Allow, RFC 9110 15.5.6).
+    response.headers.update(exc.headers or {})
+    return response
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -77,5 +81,5 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(AtelierError, _atelier_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, _unexpected)
