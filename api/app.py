@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from redis.asyncio import Redis
 
-from api import outages, problems, request_ids
+from api import openapi, outages, problems, request_ids
 from api.idempotency import IdempotencyMiddleware
 from api.routes import admin, generations, jobs, outputs, products, search, subjects, system
 from core import logs
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    openapi.install(app, settings)
     # Inside the request-id, outage and metrics layers: a replay gets this request's id.
     app.add_middleware(IdempotencyMiddleware)
     outages.install(app)
