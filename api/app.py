@@ -7,17 +7,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
 from api import openapi, outages, problems, request_ids
 from api.idempotency import IdempotencyMiddleware
 from api.routes import admin, generations, jobs, outputs, products, search, subjects, system
 from core import logs
+from core.blobs.signing import url_signer
 from core.blobs.store import blob_store_from_settings
 from core.db.engine import make_engine, make_sessionmaker
 from core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from core.settings import Settings, get_settings
 from core.shop.searcher import CatalogSearcher
+
+# Response headers a browser's script may read besides the CORS-safelisted ones
+# (Content-Type, Content-Length, Last-Modified, Cache-Control...).
+EXPOSED_HEADERS = [
+    "ETag", "Location", "Retry-After", "X-Request-ID", "Idempotent-Replayed",
+    "Content-Range", "Accept-Ranges", "Content-Disposition", "WWW-Authenticate", "Link",
+]  # fmt: skip
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -36,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.sessions = make_sessionmaker(engine)
         app.state.store = blob_store_from_settings(settings)
+        app.state.signer = await url_signer(settings, app.state.sessions)
         app.state.searcher = CatalogSearcher(
             settings, app.state.store, settings.models_dir / "encoder-cache"
         )
@@ -71,6 +81,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         HTTP_LATENCY.labels(request.method, route).observe(time.perf_counter() - started)
         return response
 
+    # Added last, so outermost: a preflight is answered before anything else runs.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["*"],
+        # Mirrors what a preflight asks for (Authorization included); no cookies
+        # are used, so nothing is allowed with credentials.
+        allow_headers=["*"],
+        expose_headers=EXPOSED_HEADERS,
+        max_age=600,
+    )
     return app
 
 

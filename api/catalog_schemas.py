@@ -9,6 +9,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
+from core.blobs.signing import UrlSigner
 from core.catalog.queries import ImageView, ProductDetail
 from core.db.catalog_models import CatalogImage, CrawlRun, Product, ProductPrice
 
@@ -18,8 +19,9 @@ class ImageVariant(StrEnum):
     original = "original"  # the bytes the shop served
 
 
-def image_url(base_url: str, sha256: str, variant: ImageVariant) -> str:
-    return f"{base_url}/v1/catalog-images/{sha256}?variant={variant.value}"
+def image_url(signer: UrlSigner, sha256: str, variant: ImageVariant) -> str:
+    """Signed, so an <img> tag loads it without an Authorization header."""
+    return signer.url(f"/v1/catalog-images/{sha256}", {"variant": variant.value})
 
 
 class ProductSummaryOut(BaseModel):
@@ -38,7 +40,9 @@ class ProductSummaryOut(BaseModel):
     image_url: str | None = Field(description="the first image, padded to a square")
 
     @classmethod
-    def of(cls, p: Product, first_image: CatalogImage | None, base_url: str) -> ProductSummaryOut:
+    def of(
+        cls, p: Product, first_image: CatalogImage | None, signer: UrlSigner
+    ) -> ProductSummaryOut:
         return cls(
             id=p.id,
             site=p.site,
@@ -53,9 +57,7 @@ class ProductSummaryOut(BaseModel):
             category_path=p.category_path,
             buy_url=p.url,
             image_url=(
-                image_url(base_url, first_image.sha256, ImageVariant.padded)
-                if first_image
-                else None
+                image_url(signer, first_image.sha256, ImageVariant.padded) if first_image else None
             ),
         )
 
@@ -76,12 +78,12 @@ class ProductImageOut(BaseModel):
     height: int
 
     @classmethod
-    def of(cls, view: ImageView, base_url: str) -> ProductImageOut:
+    def of(cls, view: ImageView, signer: UrlSigner) -> ProductImageOut:
         image = view.image
         return cls(
             position=view.position,
-            padded_url=image_url(base_url, image.sha256, ImageVariant.padded),
-            original_url=image_url(base_url, image.sha256, ImageVariant.original),
+            padded_url=image_url(signer, image.sha256, ImageVariant.padded),
+            original_url=image_url(signer, image.sha256, ImageVariant.original),
             source_url=view.source_url,
             sha256=image.sha256,
             media_type=image.media_type,
@@ -110,15 +112,15 @@ class ProductOut(ProductSummaryOut):
     changed_at: datetime
 
     @classmethod
-    def of_detail(cls, detail: ProductDetail, base_url: str) -> ProductOut:
+    def of_detail(cls, detail: ProductDetail, signer: UrlSigner) -> ProductOut:
         p = detail.product
         first = detail.images[0].image if detail.images else None
-        summary = ProductSummaryOut.of(p, first, base_url)
+        summary = ProductSummaryOut.of(p, first, signer)
         return cls(
             **summary.model_dump(),
             description=p.description,
             sizes=p.sizes,
-            images=[ProductImageOut.of(view, base_url) for view in detail.images],
+            images=[ProductImageOut.of(view, signer) for view in detail.images],
             price_history=[PriceOut.of(row) for row in detail.prices],
             first_seen=p.first_seen,
             last_seen=p.last_seen,

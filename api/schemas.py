@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from core.blobs.signing import UrlSigner
 from core.db.models import Job, Output, Subject
 
 
@@ -46,17 +47,20 @@ class TrainIn(BaseModel):
 
 class OutputOut(BaseModel):
     id: uuid.UUID
-    url: str
+    url: str = Field(
+        description="signed: loads without an Authorization header (an <img> or <video>"
+        " src) until its `expires`; byte ranges are served"
+    )
     media_type: str
     seed: int | None
     width: int
     height: int
 
     @classmethod
-    def of(cls, output: Output, base_url: str) -> OutputOut:
+    def of(cls, output: Output, signer: UrlSigner) -> OutputOut:
         return cls(
             id=output.id,
-            url=f"{base_url}/v1/outputs/{output.id}",
+            url=signer.url(f"/v1/outputs/{output.id}"),
             media_type=output.media_type,
             seed=output.seed,
             width=output.width,

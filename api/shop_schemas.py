@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from api.catalog_schemas import ProductSummaryOut
+from core.blobs.signing import UrlSigner
 from core.db.shop_models import ClipModel
 from core.shop.look_items import LinkedProduct, LookItemView
 
@@ -18,8 +19,8 @@ class ScoredProductOut(ProductSummaryOut):
     sizes: list[str] = Field(description="sizes in stock")
 
     @classmethod
-    def of_linked(cls, linked: LinkedProduct, base_url: str) -> ScoredProductOut:
-        summary = ProductSummaryOut.of(linked.product, linked.first_image, base_url)
+    def of_linked(cls, linked: LinkedProduct, signer: UrlSigner) -> ScoredProductOut:
+        summary = ProductSummaryOut.of(linked.product, linked.first_image, signer)
         return cls(**summary.model_dump(), score=linked.score, sizes=linked.product.sizes)
 
 
@@ -39,13 +40,13 @@ class LookItemOut(BaseModel):
     )
 
     @classmethod
-    def of(cls, view: LookItemView, base_url: str) -> LookItemOut:
+    def of(cls, view: LookItemView, signer: UrlSigner) -> LookItemOut:
         return cls(
             region=view.region,
             rank=view.rank,
-            product=ScoredProductOut.of_linked(view.item, base_url),
+            product=ScoredProductOut.of_linked(view.item, signer),
             sold_out=view.sold_out,
-            alternatives=[ScoredProductOut.of_linked(a, base_url) for a in view.alternatives],
+            alternatives=[ScoredProductOut.of_linked(a, signer) for a in view.alternatives],
         )
 
 

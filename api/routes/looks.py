@@ -10,12 +10,13 @@ from fastapi.responses import StreamingResponse
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.conditional import MAX_WAIT_S, watched_response
-from api.deps import AccountDep, SessionDep, SettingsDep
+from api.deps import AccountDep, SessionDep, SettingsDep, SignerDep
 from api.look_events import look_event_stream
 from api.look_schemas import LookImageOut, LookOut, LookPage
 from api.routes.search import SearcherDep
 from api.schemas import OutputOut
 from api.shop_schemas import LookItemOut
+from core.blobs.signing import UrlSigner
 from core.db.changes import look_topic
 from core.look_progress import LookStatus
 from core.looks import LookDetail, LookSpec, cancel_look, create_look, get_look, list_looks
@@ -38,19 +39,22 @@ Wait = Annotated[
 
 
 async def look_view(
-    session: AsyncSession, settings: Settings, searcher: CatalogSearcher, detail: LookDetail
+    session: AsyncSession,
+    settings: Settings,
+    signer: UrlSigner,
+    searcher: CatalogSearcher,
+    detail: LookDetail,
 ) -> LookOut:
     index = await searcher.holder.current(session) if detail.outputs else None
     spec = detail.spec
     k = spec.products_per_image or settings.products_per_image
-    base = settings.public_base_url
     images = []
     for output in detail.outputs:
         views = await look_item_views(session, output.id, index, spec.filters, k)
         images.append(
             LookImageOut(
-                output=OutputOut.of(output, base),
-                products=[LookItemOut.of(v, base) for v in views],
+                output=OutputOut.of(output, signer),
+                products=[LookItemOut.of(v, signer) for v in views],
             )
         )
     return LookOut.of(detail, images)
@@ -59,12 +63,13 @@ async def look_view(
 async def read_look(
     session: AsyncSession,
     settings: Settings,
+    signer: UrlSigner,
     searcher: CatalogSearcher,
     account: uuid.UUID,
     look_id: uuid.UUID,
 ) -> LookOut:
     look = await get_look(session, account, look_id)
-    return await look_view(session, settings, searcher, await read_detail(session, look))
+    return await look_view(session, settings, signer, searcher, await read_detail(session, look))
 
 
 @router.post("", status_code=201, response_model=LookOut)
@@ -73,6 +78,7 @@ async def start_look(
     account: AccountDep,
     session: SessionDep,
     settings: SettingsDep,
+    signer: SignerDep,
     searcher: SearcherDep,
     response: Response,
 ) -> LookOut:
@@ -82,7 +88,7 @@ async def start_look(
     (`If-None-Match`, `?wait=`) or follow `GET /v1/looks/{id}/events`."""
     look = await create_look(session, settings, account, body)
     response.headers["Location"] = f"/v1/looks/{look.id}"
-    return await read_look(session, settings, searcher, account, look.id)
+    return await read_look(session, settings, signer, searcher, account, look.id)
 
 
 @router.get("/{look_id}", response_model=LookOut)
@@ -92,6 +98,7 @@ async def get_look_route(
     account: AccountDep,
     session: SessionDep,
     settings: SettingsDep,
+    signer: SignerDep,
     searcher: SearcherDep,
     wait: Wait = None,
 ) -> Response:
@@ -100,7 +107,7 @@ async def get_look_route(
     await get_look(session, account, look_id)  # 404 before any wait
 
     async def render(own: AsyncSession) -> LookOut:
-        return await read_look(own, settings, searcher, account, look_id)
+        return await read_look(own, settings, signer, searcher, account, look_id)
 
     return await watched_response(
         request, session, topic=look_topic(look_id), reader=str(account), render=render, wait=wait
@@ -114,6 +121,7 @@ async def look_events(
     account: AccountDep,
     session: SessionDep,
     settings: SettingsDep,
+    signer: SignerDep,
     searcher: SearcherDep,
 ) -> StreamingResponse:
     """Server-Sent Events: `progress` (status, stage, progress, ETA), `stage` (a new
@@ -124,7 +132,7 @@ async def look_events(
     await session.rollback()
 
     async def render(own: AsyncSession) -> LookOut:
-        return await read_look(own, settings, searcher, account, look_id)
+        return await read_look(own, settings, signer, searcher, account, look_id)
 
     return look_event_stream(request, look_topic(look_id), str(account), render)
 
@@ -134,6 +142,7 @@ async def list_looks_route(
     account: AccountDep,
     session: SessionDep,
     settings: SettingsDep,
+    signer: SignerDep,
     searcher: SearcherDep,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=50)] = 10,
@@ -145,7 +154,7 @@ async def list_looks_route(
         session, account, limit=limit, cursor=cursor, subject_id=subject_id, status=status
     )
     items = [
-        await look_view(session, settings, searcher, await read_detail(session, look))
+        await look_view(session, settings, signer, searcher, await read_detail(session, look))
         for look in page.looks
     ]
     return LookPage(items=items, next_cursor=page.next_cursor)
@@ -157,9 +166,10 @@ async def cancel_look_route(
     account: AccountDep,
     session: SessionDep,
     settings: SettingsDep,
+    signer: SignerDep,
     searcher: SearcherDep,
 ) -> LookOut:
     """Cancel the look's work: waiting children now, running ones at their next step;
     409 when it already finished."""
     await cancel_look(session, account, look_id)
-    return await read_look(session, settings, searcher, account, look_id)
+    return await read_look(session, settings, signer, searcher, account, look_id)

@@ -9,11 +9,11 @@ import uuid
 from decimal import Decimal
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.catalog_schemas import ImageVariant, ProductOut, ProductPageOut, ProductSummaryOut
-from api.deps import AccountDep, SessionDep, SettingsDep, StoreDep
+from api.deps import AccountDep, MediaReader, SessionDep, SignerDep, StoreDep
 from api.routes.outputs import blob_response
 from core.catalog import queries
 
@@ -26,7 +26,7 @@ Money = Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)]
 async def list_products(
     _account: AccountDep,
     session: SessionDep,
-    settings: SettingsDep,
+    signer: SignerDep,
     designer: str | None = None,
     category: Annotated[str | None, Query(description="any level, e.g. 'Dresses'")] = None,
     min_price: Money = None,
@@ -49,17 +49,16 @@ async def list_products(
         q=q,
     )
     page = await queries.search_products(session, search, limit=limit, cursor=cursor)
-    base = settings.public_base_url
-    items = [ProductSummaryOut.of(p, page.first_images.get(p.id), base) for p in page.products]
+    items = [ProductSummaryOut.of(p, page.first_images.get(p.id), signer) for p in page.products]
     return ProductPageOut(items=items, next_cursor=page.next_cursor)
 
 
 @router.get("/v1/products/{product_id}", response_model=ProductOut)
 async def get_product(
-    product_id: uuid.UUID, _account: AccountDep, session: SessionDep, settings: SettingsDep
+    product_id: uuid.UUID, _account: AccountDep, session: SessionDep, signer: SignerDep
 ) -> ProductOut:
     detail = await queries.get_product(session, product_id)
-    return ProductOut.of_detail(detail, settings.public_base_url)
+    return ProductOut.of_detail(detail, signer)
 
 
 @router.get(
@@ -69,17 +68,19 @@ async def get_product(
 )
 async def get_catalog_image(
     sha256: Annotated[str, Path(pattern="^[0-9a-f]{64}$")],
-    _account: AccountDep,
+    request: Request,
+    _reader: MediaReader,  # any key, or the URL's signature: the catalog is shared
     session: SessionDep,
     store: StoreDep,
     variant: ImageVariant = ImageVariant.padded,
-) -> StreamingResponse:
+) -> Response:
     image = await queries.get_catalog_image(session, sha256)
     if variant is ImageVariant.padded:
         key, media_type = image.padded_blob_key, "image/png"
     else:
         key, media_type = image.blob_key, image.media_type
     return await blob_response(
+        request,
         store,
         key,
         media_type=media_type,

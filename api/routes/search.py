@@ -8,8 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
-from api.deps import AccountDep, SessionDep, SettingsDep
+from api.deps import AccountDep, SessionDep, SettingsDep, SignerDep
 from api.shop_schemas import LookItemOut, OutputProductsOut, ScoredProductOut, SearchPageOut
+from core.blobs.signing import UrlSigner
 from core.db.models import JobKind
 from core.errors import SearchImageTooLarge
 from core.generations import get_output, job_of_output
@@ -51,10 +52,10 @@ FiltersDep = Annotated[ProductFilters, Depends(_filters)]
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
-async def _page_out(session: SessionDep, page: SearchPage, base_url: str) -> SearchPageOut:
+async def _page_out(session: SessionDep, page: SearchPage, signer: UrlSigner) -> SearchPageOut:
     linked = await linked_products(session, [(h.product_id, h.score) for h in page.hits])
     return SearchPageOut(
-        items=[ScoredProductOut.of_linked(lp, base_url) for lp in linked],
+        items=[ScoredProductOut.of_linked(lp, signer) for lp in linked],
         next_cursor=page.next_cursor,
         model_id=page.model_id,
     )
@@ -66,6 +67,7 @@ async def search_by_text(
     _account: AccountDep,
     session: SessionDep,
     settings: SettingsDep,
+    signer: SignerDep,
     searcher: SearcherDep,
     filters: FiltersDep,
     cursor: str | None = None,
@@ -76,7 +78,7 @@ async def search_by_text(
     Same filters and cursor shape as `GET /v1/products`; 503 `index-not-ready`
     until the catalog has been embedded once."""
     page = await searcher.by_text(session, q, filters, limit, cursor)
-    return await _page_out(session, page, settings.public_base_url)
+    return await _page_out(session, page, signer)
 
 
 @router.post("/v1/products/search", response_model=SearchPageOut)
@@ -85,6 +87,7 @@ async def search_by_image(
     _account: AccountDep,
     session: SessionDep,
     settings: SettingsDep,
+    signer: SignerDep,
     searcher: SearcherDep,
     filters: FiltersDep,
     cursor: str | None = None,
@@ -97,7 +100,7 @@ async def search_by_image(
             f"the image is over the limit of {settings.max_search_image_bytes} bytes"
         )
     page = await searcher.by_image(session, data, filters, limit, cursor)
-    return await _page_out(session, page, settings.public_base_url)
+    return await _page_out(session, page, signer)
 
 
 @router.get("/v1/outputs/{output_id}/products", response_model=OutputProductsOut)
@@ -106,6 +109,7 @@ async def output_products(
     account: AccountDep,
     session: SessionDep,
     settings: SettingsDep,
+    signer: SignerDep,
     searcher: SearcherDep,
 ) -> OutputProductsOut:
     """The products matched to one image, per region, best first; a product sold out
@@ -117,5 +121,5 @@ async def output_products(
     k = (spec.products_per_image if spec else None) or settings.products_per_image
     index = await searcher.holder.current(session)
     views = await look_item_views(session, output.id, index, filters, k)
-    base = settings.public_base_url
-    return OutputProductsOut(output_id=output.id, items=[LookItemOut.of(v, base) for v in views])
+    items = [LookItemOut.of(v, signer) for v in views]
+    return OutputProductsOut(output_id=output.id, items=items)

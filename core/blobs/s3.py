@@ -18,12 +18,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 import obstore
+from obstore.exceptions import GenericError, PreconditionError
 from obstore.store import S3Store
 
-from core.blobs.store import STREAM_CHUNK_BYTES, BlobNotFound, BlobStream, check_key, check_prefix
+from core.blobs.store import (
+    STREAM_CHUNK_BYTES,
+    BlobNotFound,
+    BlobStream,
+    ByteRange,
+    check_key,
+    check_prefix,
+)
 from core.settings import Settings
 
 if TYPE_CHECKING:
+    from obstore import GetOptions, GetResult, OffsetRange, SuffixRange
     from obstore.store import ClientConfig, S3Config
 
 S3_SCHEME: Final = "s3://"
@@ -73,11 +82,11 @@ class S3BlobStore:
         except FileNotFoundError as exc:
             raise BlobNotFound(key) from exc
 
-    async def stream(self, key: str) -> BlobStream:
+    async def stream(self, key: str, byte_range: ByteRange | None = None) -> BlobStream:
         try:
             # Returns once the response headers are in: a missing object fails
             # here, before the caller has sent anything.
-            result = await obstore.get_async(self._store, check_key(key))
+            result, ranged = await self._get(check_key(key), byte_range)
         except FileNotFoundError as exc:
             raise BlobNotFound(key) from exc
         meta = result.meta
@@ -86,7 +95,27 @@ class S3BlobStore:
             modified=meta["last_modified"],
             etag=meta["e_tag"],
             chunks=result.stream(min_chunk_size=STREAM_CHUNK_BYTES),
+            span=result.range if ranged else None,
         )
+
+    async def _get(self, path: str, byte_range: ByteRange | None) -> tuple[GetResult, bool]:
+        """The object, or the span of it asked for (a ranged GET: only those bytes
+        leave the bucket); True when it is the span."""
+        if byte_range is None:
+            return await obstore.get_async(self._store, path), False
+        options: GetOptions = {"range": _obstore_range(byte_range)}
+        if byte_range.if_etag is not None:
+            options["if_match"] = byte_range.if_etag
+        try:
+            return await obstore.get_async(self._store, path, options=options), True
+        except PreconditionError:
+            # Another version than the client's: it gets the whole of this one.
+            return await obstore.get_async(self._store, path), False
+        except GenericError:
+            # S3's 416 reaches us as a generic error: the object's size tells
+            # whether that was the range (RangeNotSatisfiable) or something else.
+            byte_range.resolve((await obstore.head_async(self._store, path))["size"])
+            raise
 
     async def delete(self, key: str) -> None:
         # S3 answers a DELETE of a missing key with success.
@@ -116,3 +145,11 @@ class S3BlobStore:
 
     def url(self, key: str) -> str:
         return self._base + check_key(key)
+
+
+def _obstore_range(byte_range: ByteRange) -> tuple[int, int] | OffsetRange | SuffixRange:
+    if byte_range.suffix is not None:
+        return {"suffix": byte_range.suffix}
+    if byte_range.last is None:
+        return {"offset": byte_range.first}
+    return (byte_range.first, byte_range.last + 1)  # obstore's end is exclusive

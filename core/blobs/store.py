@@ -10,7 +10,8 @@ by listing ``prefix + "/"``.
 
 Blobs are served through the API (``BlobStore.stream``), never by handing out a
 file path or a presigned URL: the API's key and ownership checks stay the only
-way to read them, and the object store need not be reachable by clients.
+way to read them, and the object store need not be reachable by clients. (A
+signed media URL, ``core.blobs.signing``, is the API's own URL too.)
 """
 
 from __future__ import annotations
@@ -50,6 +51,39 @@ class BlobNotFound(NotFound):
         self.key = key
 
 
+class RangeNotSatisfiable(Exception):
+    """No byte of a requested range lies within the blob, of ``size`` bytes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"no requested byte lies within the blob's {size}")
+        self.size = size
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """One span of a blob, asked for before its size is known (HTTP's byte ranges):
+    bytes ``first``..``last`` inclusive (``last`` None: to the end), or with
+    ``suffix`` the final ``suffix`` bytes. With ``if_etag``, the span only of that
+    version of the blob; any other version is read whole (HTTP's If-Range)."""
+
+    first: int = 0
+    last: int | None = None
+    suffix: int | None = None
+    if_etag: str | None = None
+
+    def resolve(self, size: int) -> tuple[int, int]:
+        """The ``[start, stop)`` offsets within ``size`` bytes; a span reaching past
+        the end is cut short. Raises RangeNotSatisfiable when nothing is left."""
+        if self.suffix is not None:
+            start, stop = max(size - self.suffix, 0), size if self.suffix else 0
+        else:
+            start = self.first
+            stop = size if self.last is None else min(self.last + 1, size)
+        if start >= stop:
+            raise RangeNotSatisfiable(size)
+        return start, stop
+
+
 @dataclass(frozen=True)
 class BlobStream:
     """An opened blob. Size, time and ETag are known before the first byte, so a
@@ -60,6 +94,8 @@ class BlobStream:
     modified: datetime
     etag: str | None  # quoted, as in an HTTP ETag header
     chunks: AsyncIterator[bytes]
+    # The [start, stop) offsets the chunks cover when a range was read; None: all.
+    span: tuple[int, int] | None = None
 
 
 class BlobStore(Protocol):
@@ -69,8 +105,9 @@ class BlobStore(Protocol):
         """Raises BlobNotFound."""
         ...
 
-    async def stream(self, key: str) -> BlobStream:
-        """Open the blob for reading in chunks. Raises BlobNotFound."""
+    async def stream(self, key: str, byte_range: ByteRange | None = None) -> BlobStream:
+        """Open the blob, or the span of it ``byte_range`` asks for, for reading in
+        chunks. Raises BlobNotFound, RangeNotSatisfiable."""
         ...
 
     async def delete(self, key: str) -> None:
@@ -121,7 +158,7 @@ class LocalBlobStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise BlobNotFound(key) from exc
 
-    async def stream(self, key: str) -> BlobStream:
+    async def stream(self, key: str, byte_range: ByteRange | None = None) -> BlobStream:
         path = self._path(key)
         try:
             # Opened now, not when the first chunk is read: a blob deleted while
@@ -130,11 +167,21 @@ class LocalBlobStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise BlobNotFound(key) from exc
         stat = os.fstat(file.fileno())
+        etag = _stat_etag(stat)
+        span = None
+        if byte_range is not None and byte_range.if_etag in (None, etag):
+            try:
+                span = byte_range.resolve(stat.st_size)
+            except RangeNotSatisfiable:
+                file.close()
+                raise
+            file.seek(span[0])
         return BlobStream(
             size=stat.st_size,
             modified=datetime.fromtimestamp(stat.st_mtime, UTC),
-            etag=_stat_etag(stat),
-            chunks=_file_chunks(file),
+            etag=etag,
+            chunks=_file_chunks(file, span[1] - span[0] if span else stat.st_size),
+            span=span,
         )
 
     def open_path(self, key: str) -> Path:
@@ -253,9 +300,14 @@ def _stat_etag(stat: os.stat_result) -> str:
     return f'"{hashlib.md5(base.encode(), usedforsecurity=False).hexdigest()}"'
 
 
-async def _file_chunks(file: BufferedReader) -> AsyncIterator[bytes]:
+async def _file_chunks(file: BufferedReader, length: int) -> AsyncIterator[bytes]:
+    """``length`` bytes from the file's position on, at most: a range stops short of
+    the end, and a whole blob stops at the size its headers announced."""
     try:
-        while chunk := await asyncio.to_thread(file.read, STREAM_CHUNK_BYTES):
+        while length > 0 and (
+            chunk := await asyncio.to_thread(file.read, min(STREAM_CHUNK_BYTES, length))
+        ):
+            length -= len(chunk)
             yield chunk
     finally:
         file.close()
