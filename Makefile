@@ -42,7 +42,7 @@ test: install services
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy api worker scheduler transport core demo bench
+	$(VENV)/bin/mypy api client worker scheduler transport core demo bench
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

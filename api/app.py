@@ -11,11 +11,23 @@ from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
 from api import openapi, outages, problems, request_ids
+from api.conditional import SharedReads
 from api.idempotency import IdempotencyMiddleware
-from api.routes import admin, generations, jobs, outputs, products, search, subjects, system
+from api.routes import (
+    admin,
+    generations,
+    jobs,
+    looks,
+    outputs,
+    products,
+    search,
+    subjects,
+    system,
+)
 from core import logs
-from core.blobs.signing import url_signer
+from core.blobs.signing import LazySigner
 from core.blobs.store import blob_store_from_settings
+from core.db.changes import ChangeFeed
 from core.db.engine import make_engine, make_sessionmaker
 from core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from core.settings import Settings, get_settings
@@ -44,12 +56,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_timeout=settings.redis_timeout_s,
         )
         app.state.sessions = make_sessionmaker(engine)
+        # One LISTEN connection wakes every long-poll and event stream of the process.
+        app.state.changes = ChangeFeed(settings.database_url)
+        await app.state.changes.start()
+        app.state.shared_reads = SharedReads()
         app.state.store = blob_store_from_settings(settings)
-        app.state.signer = await url_signer(settings, app.state.sessions)
+        app.state.signer = LazySigner(settings, app.state.sessions)
         app.state.searcher = CatalogSearcher(
             settings, app.state.store, settings.models_dir / "encoder-cache"
         )
         yield
+        await app.state.changes.stop()
         await app.state.redis.aclose()
         await engine.dispose()
 
@@ -60,13 +77,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    openapi.install(app, settings)
     # Inside the request-id, outage and metrics layers: a replay gets this request's id.
     app.add_middleware(IdempotencyMiddleware)
+    openapi.install(app, settings)
     outages.install(app)
     request_ids.install(app)
     # search before products: /v1/products/search is not a product id.
-    for module in (subjects, generations, jobs, search, outputs, products, admin, system):
+    routers = (subjects, looks, generations, jobs, search, outputs, products, admin, system)
+    for module in routers:
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.accounts import KeyCache, authenticate, require_admin
-from core.blobs.signing import InvalidSignature, UrlSigner, signed_path
+from core.blobs.signing import InvalidSignature, LazySigner, UrlSigner, signed_path
 from core.blobs.store import BlobStore
 from core.settings import Settings
 
@@ -34,9 +34,9 @@ def _store(request: Request) -> BlobStore:
     return store
 
 
-def _signer(request: Request) -> UrlSigner:
-    signer: UrlSigner = request.app.state.signer
-    return signer
+async def _signer(request: Request) -> UrlSigner:
+    lazy: LazySigner = request.app.state.signer
+    return await lazy.get()
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]

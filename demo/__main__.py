@@ -4,8 +4,10 @@ Starts the API (uvicorn), the scheduler, a GPU worker on the CPU standing in for
 an RTX 4090, a CPU worker (crawls) and the fixture shop (500 products, no added
 latency), creates an admin API key, crawls the shop through
 ``POST /v1/admin/crawls`` and shows a few products, then uploads the bundled
-sample subject, asks for 4 images for a prompt (training runs first), prints a
-progress line per stage and where the images are, and keeps the API up until
+sample subject and starts a look for a prompt through the typed client
+(``client.AtelierClient``): training runs first, then 4 images are generated and
+matched to products; it follows the look's event stream, prints a progress line
+per change, where the images are and their products, and keeps the API up until
 Ctrl-C.
 """
 
@@ -20,12 +22,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import httpx
 from sqlmodel import col, select
 
+from api.shop_schemas import LookItemOut
+from client import AtelierClient, LookEvent
 from core.accounts import create_account_with_key, create_key
 from core.db.engine import make_engine, make_sessionmaker, session_scope
 from core.db.models import Account
@@ -231,55 +236,88 @@ def _follow_catalog_embedding(http: httpx.Client, stack: Stack, job_ids: list[st
             print(f"a CLIP fine-tune is queued on the CPU worker: {job_id}")
 
 
-def run_look(http: httpx.Client, key: str, prompt: str, stack: Stack) -> None:
-    base_url = str(http.base_url).rstrip("/")
-    files = [("photos", (p.name, p.read_bytes(), "image/jpeg")) for p in PHOTOS]
-    subject = http.post("/v1/subjects", files=files, data={"class_noun": "woman"})
-    subject.raise_for_status()
-    subject_id = subject.json()["id"]
-    print(f"subject {subject_id}: {len(PHOTOS)} photos, token '{subject.json()['token']}'")
-    started = time.monotonic()
-    gen = http.post(
-        "/v1/generations",
-        json={"subject_id": subject_id, "prompt": prompt, "num_images": 4, "seed": 42},
-    )
-    gen.raise_for_status()
-    job = gen.json()
-    if job["depends_on"]:
-        train = _follow(http, stack, job["depends_on"], "train")
-        if train["status"] != "succeeded":
-            raise SystemExit(f"training {train['status']}: {train['error']}")
-    done = _follow(http, stack, job["id"], "generate")
-    if done["status"] != "succeeded":
-        raise SystemExit(f"generation {done['status']}: {done['error']}")
-    print(f"look done in {time.monotonic() - started:.1f}s: {done['result']['prompt']!r}")
-    out_dir = OUT_DIR / job["id"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    grounding = done["result"].get("grounding", {}).get("products", [])
-    if grounding:
-        print("  grounded in: " + "; ".join(p["descriptor"] for p in grounding))
-    for output in done["outputs"]:
-        path = out_dir / f"{output['seed']}.png"
-        path.write_bytes(http.get(output["url"]).content)
-        print(f"  {path.relative_to(ROOT)}  {output['url']}  seed {output['seed']}")
-        _print_products(http, output["id"])
-    print(f"\ncurl -H 'Authorization: Bearer {key}' {base_url}/v1/jobs/{job['id']}")
+def _event_line(event: LookEvent) -> str | None:
+    """A progress line for a look's event (None for events not worth a line)."""
+    data = event.data
+    if event.name == "stage":
+        return f"[look] stage {data['stage']}"
+    if event.name != "progress":
+        return None
+    detail = data["detail"]
+    line = f"[look] {data['status']:<9} {data['stage']:<10} {data['progress']:.0%}"
+    if "total" in detail:
+        line += f" step {detail['step']}/{detail['total']}"
+    if "loss" in detail:
+        line += f" loss={detail['loss']:.4f}"
+    if data["eta_s"] is not None:
+        line += f" eta {data['eta_s']:.0f}s"
+    return line
+
+
+async def run_look(base_url: str, key: str, prompt: str) -> None:
+    """The whole look through the typed client: photos, then one POST /v1/looks,
+    followed live on its event stream."""
+    async with AtelierClient(base_url, key) as atelier:
+        photos = [(p.name, p.read_bytes()) for p in PHOTOS]
+        subject = await atelier.create_subject(photos, class_noun="woman")
+        print(f"subject {subject.id}: {subject.photo_count} photos, token '{subject.token}'")
+        started = time.monotonic()
+        look = await atelier.create_look(subject.id, prompt, num_images=4, seed=42)
+        print(f"look {look.id}: {base_url}/v1/looks/{look.id}")
+        async for event in atelier.look_events(look.id):
+            line = _event_line(event)
+            if line:
+                print(line, flush=True)
+        done = await atelier.look(look.id)
+        if done.status != "succeeded":
+            raise SystemExit(f"look {done.status}: {done.error}")
+        timings = ", ".join(f"{s.name} {s.seconds:.1f}s" for s in done.stages if s.seconds)
+        print(f"look done in {time.monotonic() - started:.1f}s ({timings}): {done.spec.prompt!r}")
+        out_dir = OUT_DIR / str(look.id)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for image in done.images:
+            output = image.output
+            path = out_dir / f"{output.seed}.png"
+            path.write_bytes(await atelier.download(output.url))
+            print(f"  {path.relative_to(ROOT)}  {output.url}  seed {output.seed}")
+            _print_products(image.products)
+    print(f"\ncurl -H 'Authorization: Bearer {key}' {base_url}/v1/looks/{look.id}")
+
+
+async def _while_alive(stack: Stack, work: Coroutine[Any, Any, None]) -> None:
+    """``work``, stopped with the reason if a process of the stack exits meanwhile
+    (a stream would otherwise wait for a worker that is gone)."""
+
+    async def watch() -> str:
+        while True:
+            try:
+                stack.check()
+            except SystemExit as exc:
+                return str(exc)
+            await asyncio.sleep(1)
+
+    main, watcher = asyncio.ensure_future(work), asyncio.ensure_future(watch())
+    await asyncio.wait({main, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if not main.done():
+        main.cancel()
+        raise SystemExit(watcher.result())
+    watcher.cancel()
+    main.result()
 
 
 # Products shown per image: the best of the whole image, then of each region.
 PRODUCTS_SHOWN = 3
 
 
-def _print_products(http: httpx.Client, output_id: str) -> None:
-    items = http.get(f"/v1/outputs/{output_id}/products").json()["items"]
-    shown = [i for i in items if i["region"] == "whole"][:PRODUCTS_SHOWN]
-    shown += [i for i in items if i["region"] != "whole" and i["rank"] == 0]
+def _print_products(items: list[LookItemOut]) -> None:
+    shown = [i for i in items if i.region == "whole"][:PRODUCTS_SHOWN]
+    shown += [i for i in items if i.region != "whole" and i.rank == 0]
     for item in shown:
-        p = item["product"]
-        flag = " (sold out)" if item["sold_out"] else ""
+        p = item.product
+        flag = " (sold out)" if item.sold_out else ""
         print(
-            f"    {item['region']:<5} {p['designer']} · {p['name']} · {p['price']}"
-            f" {p['currency']}{flag}  {p['buy_url']}"
+            f"    {item.region:<5} {p.designer} · {p.name} · {p.price}"
+            f" {p.currency}{flag}  {p.buy_url}"
         )
 
 
@@ -306,8 +344,8 @@ def main(argv: list[str] | None = None) -> None:
             _wait_healthy(http, stack)
             if not args.no_crawl:
                 run_crawl(http, stack, wait=not args.serve_only)
-            if not args.serve_only:
-                run_look(http, key, args.prompt, stack)
+        if not args.serve_only:
+            asyncio.run(_while_alive(stack, run_look(base_url, key, args.prompt)))
         print(f"API key (admin): {key}")
         if not args.no_serve:
             print(f"\nAPI at {base_url}  (docs: {base_url}/docs). Ctrl-C to stop.")

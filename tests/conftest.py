@@ -8,8 +8,10 @@ SeaweedFS gateway answering on ATELIER_TEST_S3_ENDPOINT_URL, or one started here
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -248,3 +250,26 @@ def sample_photos() -> Iterator[list[tuple[str, bytes]]]:
 
 def photo_files(photos: list[tuple[str, bytes]]) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("photos", (name, data, "image/jpeg")) for name, data in photos]
+
+
+@pytest.fixture
+async def served(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[str]:
+    """The app served by a real uvicorn in this event loop, on a free loopback port
+    (streams and long-polls need a real server: httpx's ASGI transport buffers)."""
+    import uvicorn
+
+    from api.app import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 (uvicorn announces readiness with this flag only)
+        await asyncio.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await task

@@ -15,6 +15,7 @@ with the same one; ``url_signer`` loads it once per process.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -125,3 +126,21 @@ async def signing_key(settings: Settings, sessions: async_sessionmaker[AsyncSess
 async def url_signer(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -> UrlSigner:
     key = await signing_key(settings, sessions)
     return UrlSigner(key=key, base_url=settings.public_base_url, ttl_s=settings.signed_url_ttl_s)
+
+
+class LazySigner:
+    """The process's signer, made on first use: a generated key is read from
+    Postgres, and the API must start (and answer its 503s) while Postgres is down."""
+
+    def __init__(self, settings: Settings, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._signer: UrlSigner | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> UrlSigner:
+        if self._signer is None:
+            async with self._lock:
+                if self._signer is None:
+                    self._signer = await url_signer(self._settings, self._sessions)
+        return self._signer

@@ -1,6 +1,7 @@
 """End to end: a crawled catalog embedded by a real GPU-worker process (on the CPU),
-then photos + prompt -> 4 images, each linked to in-stock products whose buy links
-point at the fixture shop."""
+then, through the typed client and the look resource, photos + prompt -> training
+-> 4 images, each linked to in-stock products whose buy links point at the fixture
+shop, followed live on the look's event stream."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from httpx import AsyncClient
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from client import AtelierClient
 from core.accounts import create_account_with_key
 from core.blobs.store import blob_store_from_settings
 from core.catalog.crawl import crawl_site
 from core.db.engine import session_scope
 from core.settings import Settings
 from fixture_shop import ShopConfig, running_shop
-from tests.e2e.test_look_flow import _finished, _subject, _wait
+from tests.e2e.test_look_flow import _finished, _wait
 
 pytestmark = pytest.mark.e2e
 
@@ -32,6 +34,7 @@ async def test_photos_and_prompt_to_four_images_with_buy_links(
     settings: Settings,
     sessions: Sessions,
     tiny_clip_dir: Path,
+    served: str,
 ) -> None:
     async with running_shop(ShopConfig(products=40, trouble=False, image_side=96)) as shop:
         crawling = settings.model_copy(update={"crawl_base_urls": {"fixture": shop}})
@@ -44,22 +47,41 @@ async def test_photos_and_prompt_to_four_images_with_buy_links(
         assert embedded["status"] == "succeeded", embedded
         assert embedded["result"]["rows_written"] > 0
 
-        subject_id = await _subject(client, auth, sample_photos)
-        body = {"subject_id": subject_id, "prompt": "a Harry Potter costume", "seed": 7}
-        generation = (await client.post("/v1/generations", headers=auth, json=body)).json()
-        done = await _wait(client, auth, generation["id"], _finished, within=240)
-        assert done["status"] == "succeeded", done
-        assert len(done["outputs"]) == 4
-        assert done["result"]["candidates"] == settings.look_candidates
-        assert done["result"]["grounding"]["products"]
-        for output in done["outputs"]:
-            linked = await client.get(f"/v1/outputs/{output['id']}/products", headers=auth)
-            assert linked.status_code == 200
-            items = linked.json()["items"]
-            whole = [i for i in items if i["region"] == "whole"]
+        key = auth["Authorization"].removeprefix("Bearer ")
+        async with AtelierClient(served, key) as atelier:
+            subject = await atelier.create_subject(sample_photos)
+            look = await atelier.create_look(subject.id, "a Harry Potter costume", seed=7)
+            assert look.status == "queued" and look.jobs.training is not None
+            events = [event async for event in atelier.look_events(look.id)]
+            unchanged = await atelier.request(
+                "GET",
+                f"/v1/looks/{look.id}",
+                headers={"If-None-Match": await _etag(atelier, look.id)},
+            )
+            assert unchanged.status_code == 304
+            done = await atelier.look(look.id)
+        names = [e.name for e in events]
+        stages = [e.data["stage"] for e in events if e.name == "stage"]
+        assert stages == ["training", "generating", "matching"], names
+        assert names.count("image") == 4 and names[-1] == "completed"
+        assert done.status == "succeeded" and len(done.images) == 4
+        assert [s.seconds is not None for s in done.stages] == [True, True, True]
+        generation = await atelier_job(client, auth, str(done.jobs.generation))
+        assert generation["result"]["candidates"] == settings.look_candidates
+        assert generation["result"]["grounding"]["products"]
+        for image in done.images:
+            whole = [i for i in image.products if i.region == "whole"]
             assert len(whole) == settings.products_per_image
-            for item in items:
-                product = item["product"]
-                assert product["available"] and not item["sold_out"]
-                assert product["buy_url"].startswith(f"{shop}/p/")
-                assert product["price"] and product["currency"]
+            for item in image.products:
+                product = item.product
+                assert product.available and not item.sold_out
+                assert product.buy_url.startswith(f"{shop}/p/")
+                assert product.price and product.currency
+
+
+async def _etag(atelier: AtelierClient, look_id: object) -> str:
+    return (await atelier.request("GET", f"/v1/looks/{look_id}")).headers["etag"]
+
+
+async def atelier_job(client: AsyncClient, auth: dict[str, str], job_id: str) -> dict:
+    return dict((await client.get(f"/v1/jobs/{job_id}", headers=auth)).json())

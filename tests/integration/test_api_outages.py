@@ -241,3 +241,33 @@ async def test_bugs_are_still_500s_not_outages(proxied_client: AsyncClient, case
     assert response.status_code == 500, response.text
     assert response.json()["type"] == "/problems/internal"
     assert "retry-after" not in response.headers
+
+
+async def test_the_api_starts_while_postgres_is_down_and_serves_once_it_is_back(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    proxies: dict[str, CuttableProxy],
+    auth: dict[str, str],
+) -> None:
+    """Nothing at startup needs Postgres (the URL-signing key and the change feed
+    come later), so a restart during an outage answers 503s, not connection refused."""
+    from api.app import create_app
+
+    await proxies["postgres"].cut()
+    proxied = settings.model_copy(
+        update={
+            "database_url": _through(settings.database_url, proxies["postgres"].port),
+            "redis_url": _through(settings.redis_url, proxies["redis"].port),
+            "database_connect_timeout_s": 1.0,
+            "health_check_timeout_s": 1.0,
+        }
+    )
+    app = create_app(proxied)
+    async with app.router.lifespan_context(app):
+        transport = ASGITransport(app=app, raise_app_exceptions=False)
+        async with AsyncClient(transport=transport, base_url="http://testserver") as client:
+            _assert_unavailable(await client.get("/healthz"), "postgres")
+            _assert_unavailable(await client.get("/v1/jobs", headers=auth), "postgres")
+            await proxies["postgres"].restore()
+            assert (await client.get("/healthz")).status_code == 200
+            assert (await client.get("/v1/jobs", headers=auth)).status_code == 200
