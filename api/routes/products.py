@@ -11,15 +11,22 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import WithJsonSchema
 
 from api.catalog_schemas import ImageVariant, ProductOut, ProductPageOut, ProductSummaryOut
 from api.deps import AccountDep, MediaReader, SessionDep, SignerDep, StoreDep
+from api.openapi import MONEY_QUERY_SCHEMA, NO_NUL
 from api.routes.outputs import blob_response
 from core.catalog import queries
 
 router = APIRouter(tags=["catalog"])
 
-Money = Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)]
+# The schema says what Decimal(12, 2) takes (pydantic's says any string).
+Money = Annotated[
+    Decimal | None,
+    WithJsonSchema(MONEY_QUERY_SCHEMA),
+    Query(ge=0, max_digits=12, decimal_places=2),
+]
 
 
 @router.get("/v1/products", response_model=ProductPageOut)
@@ -27,14 +34,18 @@ async def list_products(
     _account: AccountDep,
     session: SessionDep,
     signer: SignerDep,
-    designer: str | None = None,
-    category: Annotated[str | None, Query(description="any level, e.g. 'Dresses'")] = None,
+    designer: Annotated[str | None, Query(pattern=NO_NUL)] = None,
+    category: Annotated[
+        str | None, Query(pattern=NO_NUL, description="any level, e.g. 'Dresses'")
+    ] = None,
     min_price: Money = None,
     max_price: Money = None,
-    currency: Annotated[str | None, Query(min_length=3, max_length=3)] = None,
+    currency: Annotated[str | None, Query(min_length=3, max_length=3, pattern=NO_NUL)] = None,
     available: Annotated[bool | None, Query(description="default: both")] = None,
-    site: str | None = None,
-    q: Annotated[str | None, Query(max_length=200, description="in name or description")] = None,
+    site: Annotated[str | None, Query(pattern=NO_NUL)] = None,
+    q: Annotated[
+        str | None, Query(max_length=200, pattern=NO_NUL, description="in name or description")
+    ] = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> ProductPageOut:

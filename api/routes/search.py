@@ -7,8 +7,10 @@ from decimal import Decimal
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from pydantic import WithJsonSchema
 
 from api.deps import AccountDep, SessionDep, SettingsDep, SignerDep
+from api.openapi import MONEY_QUERY_SCHEMA, NO_NUL
 from api.shop_schemas import LookItemOut, OutputProductsOut, ScoredProductOut, SearchPageOut
 from core.blobs.signing import UrlSigner
 from core.db.models import JobKind
@@ -21,7 +23,12 @@ from core.shop.searcher import CatalogSearcher
 
 router = APIRouter(tags=["shop the look"])
 
-Money = Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)]
+# The schema says what Decimal(12, 2) takes (pydantic's says any string).
+Money = Annotated[
+    Decimal | None,
+    WithJsonSchema(MONEY_QUERY_SCHEMA),
+    Query(ge=0, max_digits=12, decimal_places=2),
+]
 
 
 def _searcher(request: Request) -> CatalogSearcher:
@@ -33,11 +40,13 @@ SearcherDep = Annotated[CatalogSearcher, Depends(_searcher)]
 
 
 def _filters(
-    designer: Annotated[str | None, Query(max_length=100)] = None,
-    category: Annotated[str | None, Query(max_length=100, description="any level")] = None,
+    designer: Annotated[str | None, Query(max_length=100, pattern=NO_NUL)] = None,
+    category: Annotated[
+        str | None, Query(max_length=100, pattern=NO_NUL, description="any level")
+    ] = None,
     min_price: Money = None,
     max_price: Money = None,
-    currency: Annotated[str | None, Query(min_length=3, max_length=3)] = None,
+    currency: Annotated[str | None, Query(min_length=3, max_length=3, pattern=NO_NUL)] = None,
 ) -> ProductFilters:
     return ProductFilters(
         designer=designer,
@@ -81,7 +90,11 @@ async def search_by_text(
     return await _page_out(session, page, signer)
 
 
-@router.post("/v1/products/search", response_model=SearchPageOut)
+@router.post(
+    "/v1/products/search",
+    response_model=SearchPageOut,
+    responses={413: {"description": "The image is over ATELIER_MAX_SEARCH_IMAGE_BYTES"}},
+)
 async def search_by_image(
     image: Annotated[UploadFile, File(description="JPEG, PNG or WebP")],
     _account: AccountDep,
