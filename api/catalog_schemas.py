@@ -128,10 +128,6 @@ class ProductOut(ProductSummaryOut):
         )
 
 
-class CrawlIn(BaseModel):
-    site: str = Field(description="a site entry's name, e.g. 'fixture'")
-
-
 class CrawlRunOut(BaseModel):
     id: uuid.UUID
     site: str

@@ -32,19 +32,6 @@ class SubjectOut(BaseModel):
         )
 
 
-class TrainIn(BaseModel):
-    steps: int | None = Field(None, ge=1, description="training steps (default: the profile's)")
-    with_subjects: list[uuid.UUID] = Field(
-        default_factory=list,
-        description="other subjects of the account to learn in the same run, each bound to"
-        " its own token; every subject of the run gets the LoRA (at most"
-        " ATELIER_MAX_SUBJECTS_PER_RUN subjects in all)",
-    )
-    profile: str | None = Field(
-        None, description="model profile (default ATELIER_PROFILE; any of ATELIER_PROFILES)"
-    )
-
-
 class OutputOut(BaseModel):
     id: uuid.UUID
     url: str = Field(

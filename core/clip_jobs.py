@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import uuid
 
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -23,47 +22,8 @@ from core.db.catalog_models import CrawlRun, Product
 from core.db.models import ACTIVE, Job, JobKind, JobStatus
 from core.errors import Conflict
 from core.jobs import states
-from core.ml.fashion_clip.profiles import get_clip_profile
+from core.jobs.specs import CatalogEmbedSpec, ClipFinetuneSpec
 from core.settings import Settings
-
-# Bounds a client may ask for (a fine-tune is an operator's action, but a typo
-# of 10x the steps should be a 422, not hours of a worker).
-MAX_FINETUNE_STEPS = 20_000
-MAX_UNFROZEN_BLOCKS = 24
-
-
-class ClipFinetuneSpec(BaseModel):
-    """A clip_finetune job's request, row and handler contract; None = the setting."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int | None = Field(None, ge=1, le=MAX_FINETUNE_STEPS)
-    batch_size: int | None = Field(None, ge=2, description="distinct products per batch")
-    learning_rate: float | None = Field(None, gt=0, le=1)
-    unfreeze_image_blocks: int | None = Field(None, ge=0, le=MAX_UNFROZEN_BLOCKS)
-    unfreeze_text_blocks: int | None = Field(None, ge=0, le=MAX_UNFROZEN_BLOCKS)
-    holdout_fraction: float | None = Field(None, gt=0, lt=1)
-    seed: int = Field(0, ge=0)
-    reason: str = Field("requested", max_length=200, description="why it runs (recorded)")
-
-    def resolve(self, settings: Settings) -> ClipFinetuneSpec:
-        profile = get_clip_profile(settings.clip_profile)
-        return self.model_copy(
-            update={
-                "steps": self.steps or settings.clip_finetune_steps or profile.train_steps,
-                "batch_size": self.batch_size or settings.clip_finetune_batch or profile.batch_size,
-                "learning_rate": self.learning_rate
-                or settings.clip_finetune_lr
-                or profile.learning_rate,
-                "unfreeze_image_blocks": settings.clip_unfreeze_image_blocks
-                if self.unfreeze_image_blocks is None
-                else self.unfreeze_image_blocks,
-                "unfreeze_text_blocks": settings.clip_unfreeze_text_blocks
-                if self.unfreeze_text_blocks is None
-                else self.unfreeze_text_blocks,
-                "holdout_fraction": self.holdout_fraction or settings.clip_holdout_fraction,
-            }
-        )
 
 
 async def live_product_count(session: AsyncSession) -> int:
@@ -99,7 +59,7 @@ async def request_catalog_embed(
         session,
         account_id=account_id,
         kind=JobKind.catalog_embed,
-        params={"profile": settings.clip_profile},
+        params=CatalogEmbedSpec().resolve(settings).params(),
         max_attempts=settings.job_max_attempts,
     )
 
@@ -124,12 +84,11 @@ async def request_clip_finetune(
             f"a CLIP fine-tune is already {active.status} (job {active.id})",
             job_id=str(active.id),
         )
-    params = {"profile": settings.clip_profile, **spec.resolve(settings).model_dump()}
     return await states.create_job(
         session,
         account_id=account_id,
         kind=JobKind.clip_finetune,
-        params=params,
+        params=spec.resolve(settings).params(),
         max_attempts=settings.job_max_attempts,
         depends_on=depends_on,
     )

@@ -13,7 +13,6 @@ A training job may learn several subjects of the account at once
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -21,7 +20,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core.db.models import Job, JobKind, Output, Subject
 from core.errors import InvalidInput, NotFound
 from core.jobs import states
-from core.jobs.specs import GenerationSpec, served_profile
+from core.jobs.specs import GenerationSpec, TrainRequest, TrainSpec
 from core.settings import Settings
 from core.subjects import get_subject, latest_lora, subject_photos
 
@@ -66,26 +65,19 @@ async def request_training(
     settings: Settings,
     account_id: uuid.UUID,
     subject_id: uuid.UUID,
+    request: TrainRequest | None = None,
     *,
-    steps: int | None = None,
-    with_subjects: list[uuid.UUID] | None = None,
-    profile: str | None = None,
     idempotency_key: str | None = None,
 ) -> Job:
-    run = await _run_subjects(session, settings, account_id, subject_id, with_subjects or [])
-    if steps is not None and not 1 <= steps <= settings.max_train_steps:
-        raise InvalidInput(f"steps must be 1-{settings.max_train_steps}", field="steps")
-    params: dict[str, Any] = {"profile": served_profile(profile, settings)}
-    if steps is not None:
-        params["steps"] = steps
-    if len(run) > 1:
-        params["subject_ids"] = [str(subject.id) for subject in run]
+    request = request or TrainRequest()
+    run = await _run_subjects(session, settings, account_id, subject_id, request.with_subjects)
+    spec = request.spec([subject.id for subject in run]).resolve(settings)
     job = await states.create_job(
         session,
         account_id=account_id,
         kind=JobKind.train,
         subject_id=subject_id,
-        params=params,
+        params=spec.params(),
         max_attempts=settings.job_max_attempts,
         idempotency_key=idempotency_key,
     )
@@ -113,7 +105,7 @@ async def request_generation(
                 account_id=account_id,
                 kind=JobKind.train,
                 subject_id=subject.id,
-                params={"profile": spec.profile},
+                params=TrainSpec(profile=spec.profile).params(),
                 max_attempts=settings.job_max_attempts,
             )
         depends_on = training.id

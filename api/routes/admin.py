@@ -7,21 +7,22 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlmodel import col, select
 
-from api.catalog_schemas import CrawlIn, CrawlRunList, CrawlRunOut
+from api.catalog_schemas import CrawlRunList, CrawlRunOut
 from api.deps import AdminAccount, SessionDep, SettingsDep
 from api.schemas import JobOut
 from api.shop_schemas import ClipModelList, ClipModelOut
 from core.catalog.queries import recent_crawl_runs
-from core.clip_jobs import ClipFinetuneSpec, request_catalog_embed, request_clip_finetune
+from core.clip_jobs import request_catalog_embed, request_clip_finetune
 from core.db.shop_models import ClipModel
 from core.handlers.crawl import create_crawl_job
+from core.jobs.specs import ClipFinetuneSpec, CrawlSpec
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
 @router.post("/crawls", response_model=JobOut, status_code=201)
 async def start_crawl(
-    body: CrawlIn, account: AdminAccount, session: SessionDep, settings: SettingsDep
+    body: CrawlSpec, account: AdminAccount, session: SessionDep, settings: SettingsDep
 ) -> JobOut:
     """A crawl job for the site, pollable at /v1/jobs/{id}; 409 if one is active."""
     job = await create_crawl_job(session, settings, account, body.site)

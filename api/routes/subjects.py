@@ -6,10 +6,11 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
 
 from api.deps import AccountDep, SessionDep, SettingsDep, StoreDep
-from api.schemas import JobOut, SubjectOut, TrainIn
+from api.schemas import JobOut, SubjectOut
 from core import subjects
 from core.errors import PhotoTooLarge
 from core.generations import request_training
+from core.jobs.specs import TrainRequest
 from core.photos import PhotoLimits
 
 router = APIRouter(prefix="/v1/subjects", tags=["subjects"])
@@ -72,18 +73,11 @@ async def train_subject(
     account: AccountDep,
     session: SessionDep,
     settings: SettingsDep,
-    body: TrainIn | None = None,
+    body: TrainRequest | None = None,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobOut:
     job = await request_training(
-        session,
-        settings,
-        account,
-        subject_id,
-        steps=body.steps if body else None,
-        with_subjects=body.with_subjects if body else None,
-        profile=body.profile if body else None,
-        idempotency_key=idempotency_key,
+        session, settings, account, subject_id, body, idempotency_key=idempotency_key
     )
     return JobOut.of(job)
 

@@ -25,9 +25,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from core.db.models import Job
 from core.fleet.placement import GIB, JobCost
-from core.ml.profiles import PROFILES
+from core.jobs.specs import CatalogEmbedSpec, GenerationSpec, JobSpec, TrainSpec, spec_of
+from core.ml.profiles import PROFILES, Profile
 
 COST_TABLE = Path(__file__).with_name("cost_table.json")
 DEFAULT_PRESET = "default"
@@ -109,41 +112,50 @@ def observe(before: ObservedCost | None, seconds_per_unit: float, peak: int) -> 
     )
 
 
-def shape_of(kind: str, params: dict[str, Any], profile: str, side: int) -> JobShape:
+def shape_of(spec: JobSpec, profile: str, side: int) -> JobShape:
     """A job's shape: its profile and side (a generation's larger image side when
-    its params say), and the memory preset its params name (default otherwise)."""
-    sides = [int(params[k]) for k in ("width", "height") if params.get(k)]
-    preset = str(params.get("preset") or DEFAULT_PRESET)
-    return JobShape(kind, profile, max(sides) if sides else side, preset)
+    its spec names one). No spec names a memory preset yet: the default one."""
+    sides = [s for s in (spec.width, spec.height) if s] if isinstance(spec, GenerationSpec) else []
+    return JobShape(spec.kind.value, profile, max(sides) if sides else side)
 
 
-def units_of(kind: str, params: dict[str, Any], default_steps: int) -> float:
+def units_of(spec: JobSpec, default_steps: int) -> float:
     """How many of its row's units a job is: training steps (every subject takes
-    the profile's steps), images x denoising steps for a generation, else one."""
-    if kind == "train":
-        subjects = len(params.get("subject_ids") or []) or 1
-        return float(int(params.get("steps") or default_steps) * subjects)
-    if kind == "generate":
-        images = int(params.get("candidates") or params.get("num_images") or 1)
-        return float(images * int(params.get("steps") or default_steps))
+    the steps), images x denoising steps for a generation, else one."""
+    if isinstance(spec, TrainSpec):
+        return float((spec.steps or default_steps) * (len(spec.subject_ids or ()) or 1))
+    if isinstance(spec, GenerationSpec):
+        return float((spec.candidates or spec.num_images) * (spec.steps or default_steps))
     return 1.0
 
 
+def _diffusion_profile(spec: JobSpec) -> Profile | None:
+    name = spec.profile if isinstance(spec, TrainSpec | GenerationSpec) else None
+    return PROFILES.get(name) if name else None
+
+
 def job_shape(job: Job) -> JobShape:
-    """The shape of a job row (its profile's side unless its params say)."""
-    if job.kind == "catalog_embed":
+    """The shape of a job row (its profile's side unless its spec says)."""
+    try:
+        spec = spec_of(job)
+    except ValidationError as exc:
+        raise UnknownShape(f"job {job.id}: its params are not a {job.kind} spec") from exc
+    if isinstance(spec, CatalogEmbedSpec):
         return JobShape(job.kind, CLIP_PROFILE, CLIP_SIDE)
-    profile = PROFILES[str(job.params.get("profile"))]
-    return shape_of(job.kind, job.params, profile.name, profile.resolution)
+    profile = _diffusion_profile(spec)
+    if profile is None:
+        raise UnknownShape(f"job {job.id} ({job.kind}) names no diffusion profile")
+    return shape_of(spec, profile.name, profile.resolution)
 
 
 def job_units(job: Job) -> float:
     """The units of work of a job row (its profile's step counts by default)."""
-    profile = PROFILES.get(str(job.params.get("profile")))
+    spec = spec_of(job)
+    profile = _diffusion_profile(spec)
     if profile is None:
         return 1.0
-    steps = profile.train_steps if job.kind == "train" else profile.inference_steps
-    return units_of(job.kind, job.params, steps)
+    steps = profile.train_steps if isinstance(spec, TrainSpec) else profile.inference_steps
+    return units_of(spec, steps)
 
 
 def _row(data: dict[str, Any]) -> CostRow:

@@ -30,6 +30,7 @@ from core.handlers.clip_catalog import (
     write_index_rows,
 )
 from core.jobs.execution import JobContext, JobResult
+from core.jobs.specs import CatalogEmbedSpec
 from core.ml.resident import resident_clip_runtime
 from core.shop import feature_store
 from core.shop.versions import active_version, create_base_version
@@ -62,7 +63,7 @@ async def _ensure_version(ctx: JobContext, runtime: Any, profile: str) -> tuple[
 
 
 async def run_catalog_embed(ctx: JobContext) -> JobResult:
-    profile = str(ctx.job.params.get("profile") or ctx.settings.clip_profile)
+    profile = CatalogEmbedSpec.of_job(ctx.job).profile or ctx.settings.clip_profile
     ctx.progress.stage("loading the fashion CLIP", start=0.0, weight=0.05)
     runtime = await ctx.compute(resident_clip_runtime, ctx.settings)
     ctx.progress.stage("image features", start=0.05, weight=0.75)

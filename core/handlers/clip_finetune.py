@@ -27,7 +27,6 @@ from sqlalchemy import delete
 from sqlmodel import col, select
 
 from core.catalog.queries import products_by_id
-from core.clip_jobs import ClipFinetuneSpec
 from core.db.catalog_models import CrawlRun
 from core.db.engine import session_scope
 from core.db.shop_models import ClipModel, ProductEmbedding
@@ -45,6 +44,7 @@ from core.handlers.clip_catalog import (
     write_index_rows,
 )
 from core.jobs.execution import JobContext, JobResult
+from core.jobs.specs import ClipFinetuneSpec
 from core.ml.resident import resident_clip_runtime
 from core.shop import feature_store
 from core.shop.versions import activate_if_better, active_version
@@ -104,10 +104,10 @@ async def _snapshot_run(ctx: JobContext) -> uuid.UUID | None:
 
 
 async def run_clip_finetune(ctx: JobContext) -> JobResult:
-    spec = ClipFinetuneSpec.model_validate(
-        {k: v for k, v in ctx.job.params.items() if k != "profile"}
-    ).resolve(ctx.settings)
-    profile = str(ctx.job.params.get("profile") or ctx.settings.clip_profile)
+    # Resolved again: a row written before a field existed gets today's default.
+    spec = ClipFinetuneSpec.of_job(ctx.job).resolve(ctx.settings)
+    assert spec.profile is not None
+    profile = spec.profile
     ctx.progress.stage("loading the fashion CLIP", start=0.0, weight=0.02)
     runtime = await ctx.compute(resident_clip_runtime, ctx.settings)
     ctx.progress.stage("features", start=0.02, weight=0.08)

@@ -34,6 +34,7 @@ from core.db.models import ACTIVE, Job, JobKind
 from core.errors import AtelierError, Canceled, Conflict, ErrorKind, InvalidInput
 from core.jobs import states
 from core.jobs.execution import JobContext, JobResult
+from core.jobs.specs import CrawlSpec
 from core.settings import Settings
 
 log = logging.getLogger("atelier.jobs.crawl")
@@ -87,7 +88,7 @@ async def create_crawl_job(
         session,
         account_id=account_id,
         kind=JobKind.crawl,
-        params={"site": site},
+        params=CrawlSpec(site=site).params(),
         max_attempts=settings.job_max_attempts,
     )
 
@@ -123,7 +124,7 @@ async def create_due_crawl_jobs(session: AsyncSession, settings: Settings) -> li
 
 async def run_crawl(ctx: JobContext) -> JobResult:
     """The Executor's handler for kind ``crawl``."""
-    site = str(ctx.job.params["site"])
+    site = CrawlSpec.of_job(ctx.job).site
     expected = await _expected_pages(ctx, site)
     ctx.progress.stage(f"crawling {site}", start=0.0, weight=1.0)
     stop = asyncio.Event()

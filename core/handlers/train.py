@@ -42,6 +42,7 @@ from core.db.models import Job, Lora, Subject
 from core.errors import Canceled
 from core.fleet.measurement import expected_peak
 from core.jobs.execution import JobContext, JobResult
+from core.jobs.specs import TrainSpec
 from core.ml.resident import (
     forget_resident_loras,
     pin_lora,
@@ -221,11 +222,8 @@ async def _cancel_requested(ctx: JobContext) -> bool:
 
 def run_subject_ids(job: Job) -> list[uuid.UUID]:
     """The subjects a training job learns, its own first."""
-    listed = job.params.get("subject_ids")
-    if listed:
-        return [uuid.UUID(subject_id) for subject_id in listed]
     assert job.subject_id is not None
-    return [job.subject_id]
+    return TrainSpec.of_job(job).run_subject_ids(job.subject_id)
 
 
 async def _photos(ctx: JobContext, subject: Subject) -> list[Image.Image]:
@@ -279,8 +277,9 @@ async def run_training(ctx: JobContext) -> JobResult:
     from core.ml.train import subjects_run_fingerprint, train_subjects
 
     job = ctx.job
-    profile = get_profile(job.params["profile"])
-    steps = int(job.params.get("steps") or ctx.settings.train_steps or profile.train_steps)
+    spec = TrainSpec.of_job(job)
+    profile = get_profile(spec.profile or ctx.settings.profile)
+    steps = spec.steps or ctx.settings.train_steps or profile.train_steps
     plan = plan_training(profile, ctx.settings, steps, seed=job.attempts)
     ctx.progress.stage("loading photos and model", start=0.0, weight=_LOAD)
     run = await _load_subjects(ctx)

@@ -92,7 +92,8 @@ async def _job(
             session.add(Lora(subject_id=subject.id, job_id=None, profile=profile, rank=4,
                              steps=1, blob_key="k", bytes=1, sha256=lora_sha))  # fmt: skip
         params = {"profile": profile, "steps": 10} if kind is JobKind.train else {
-            "profile": profile, "steps": 10, "candidates": 2, "num_images": 2}  # fmt: skip
+            "prompt": "p", "profile": profile, "steps": 10, "candidates": 2,
+            "num_images": 2}  # fmt: skip
         job = await states.create_job(
             session, account_id=account_id, kind=kind, subject_id=subject.id, params=params,
             max_attempts=3,

@@ -38,6 +38,14 @@ async def _account_subject(sessions: Sessions) -> tuple[uuid.UUID, uuid.UUID]:
     return account.id, subject.id
 
 
+# Each kind's row as its spec writes it (the scheduler reads them typed).
+_PARAMS: dict[JobKind, dict[str, object]] = {
+    JobKind.train: {"profile": "tiny"},
+    JobKind.generate: {"profile": "tiny", "prompt": "a photo"},
+    JobKind.crawl: {"site": "fixture"},
+}
+
+
 async def _job(
     sessions: Sessions, kind: JobKind = JobKind.train, depends_on: uuid.UUID | None = None
 ) -> Job:
@@ -48,7 +56,7 @@ async def _job(
             account_id=account_id,
             subject_id=subject_id,
             kind=kind,
-            params={"profile": "tiny"},
+            params=_PARAMS[kind],
             max_attempts=2,
             depends_on=depends_on,
         )

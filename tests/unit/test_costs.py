@@ -3,6 +3,8 @@ units of work per job, and the online correction from finished jobs."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from core.fleet.costs import (
@@ -17,6 +19,7 @@ from core.fleet.costs import (
     units_of,
 )
 from core.fleet.placement import GIB
+from core.jobs.specs import CatalogEmbedSpec, GenerationSpec, TrainSpec
 
 TABLE = CostTable(
     {
@@ -41,16 +44,17 @@ def test_an_unlisted_side_takes_the_next_larger_row_else_the_largest() -> None:
 
 def test_units_of_each_kind() -> None:
     # Every subject of a run takes the steps (issue 11): 2 subjects x 100 steps.
-    assert units_of("train", {"steps": 100, "subject_ids": ["a", "b"]}, 500) == 200
-    assert units_of("train", {}, 500) == 500
-    assert units_of("generate", {"candidates": 6, "steps": 25}, 30) == 150
-    assert units_of("catalog_embed", {}, 0) == 1
+    assert units_of(TrainSpec(steps=100, subject_ids=[uuid.uuid4(), uuid.uuid4()]), 500) == 200
+    assert units_of(TrainSpec(), 500) == 500
+    generation = GenerationSpec(subject_id=uuid.uuid4(), prompt="p", candidates=6, steps=25)
+    assert units_of(generation, 30) == 150
+    assert units_of(CatalogEmbedSpec(), 0) == 1
 
 
 def test_shape_of_a_generation_takes_its_larger_side() -> None:
-    shape = shape_of("generate", {"width": 512, "height": 768}, "sd15", 512)
-    assert shape.key == "generate:sd15:768:default"
-    assert shape_of("train", {}, "sdxl", 1024).key == "train:sdxl:1024:default"
+    generation = GenerationSpec(subject_id=uuid.uuid4(), prompt="p", width=512, height=768)
+    assert shape_of(generation, "sd15", 512).key == "generate:sd15:768:default"
+    assert shape_of(TrainSpec(), "sdxl", 1024).key == "train:sdxl:1024:default"
 
 
 def test_finished_jobs_correct_seconds_and_raise_the_peak() -> None:

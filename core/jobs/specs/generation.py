@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import uuid
 from decimal import Decimal
-from typing import Literal, get_args
+from typing import Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.db.models import Job
+from core.db.models import Job, JobKind
 from core.errors import InvalidInput
+from core.jobs.specs.base import JobSpec
 from core.ml.profiles import TimestepSpacing, get_profile
 from core.settings import Settings
 
@@ -63,8 +64,8 @@ class ProductFilters(BaseModel):
     currency: str | None = Field(None, min_length=3, max_length=3, description="ISO 4217")
 
 
-class GenerationSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GenerationSpec(JobSpec):
+    kind = JobKind.generate
 
     subject_id: uuid.UUID
     prompt: str = Field(description="what the subject wears, e.g. 'a Harry Potter costume'")
@@ -154,14 +155,20 @@ class GenerationSpec(BaseModel):
         )
 
     def params(self) -> dict[str, object]:
-        """The job row's ``params``: the resolved spec as JSON."""
+        """The job row's ``params``: the resolved spec as JSON, nulls included (a
+        resolved spec has every default filled; clients read the row as is)."""
         return self.model_dump(mode="json")
+
+    @classmethod
+    def of_job(cls, job: Job) -> Self:
+        """Rows from before the spec carried no subject_id in their params; the
+        column has it."""
+        return cls.model_validate({"subject_id": job.subject_id, **job.params})
 
 
 def generation_spec_of(job: Job) -> GenerationSpec:
-    """A generate job's spec as its row holds it (rows from before the spec carried
-    no subject_id in their params; the column has it)."""
-    return GenerationSpec.model_validate({"subject_id": job.subject_id, **job.params})
+    """A generate job's spec as its row holds it."""
+    return GenerationSpec.of_job(job)
 
 
 def served_profile(requested: str | None, settings: Settings) -> str:
