@@ -93,6 +93,23 @@ async def request_generation(
     *,
     idempotency_key: str | None = None,
 ) -> Job:
+    job = await add_generation(
+        session, settings, account_id, request, idempotency_key=idempotency_key
+    )
+    await session.commit()
+    return job
+
+
+async def add_generation(
+    session: AsyncSession,
+    settings: Settings,
+    account_id: uuid.UUID,
+    request: GenerationSpec,
+    *,
+    idempotency_key: str | None = None,
+) -> Job:
+    """The generation job (and the training it waits for, if the subject has no
+    LoRA for the profile), added to the session's transaction, not committed."""
     subject = await get_subject(session, account_id, request.subject_id)
     spec = request.resolve(settings)
     assert spec.profile is not None
@@ -119,7 +136,6 @@ async def request_generation(
         depends_on=depends_on,
         idempotency_key=idempotency_key,
     )
-    await session.commit()
     return job
 
 

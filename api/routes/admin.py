@@ -17,7 +17,11 @@ from core.db.shop_models import ClipModel
 from core.handlers.crawl import create_crawl_job
 from core.jobs.specs import ClipFinetuneSpec, CrawlSpec
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(
+    prefix="/v1/admin",
+    tags=["admin"],
+    responses={403: {"description": "The key is not an operator's (keys create --admin)"}},
+)
 
 
 @router.post("/crawls", response_model=JobOut, status_code=201)

@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
 
 from api.deps import AccountDep, SessionDep, SettingsDep, StoreDep
+from api.openapi import NO_NUL
 from api.schemas import JobOut, SubjectOut
 from core import subjects
 from core.errors import PhotoTooLarge
@@ -27,7 +28,15 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     return data
 
 
-@router.post("", status_code=201, response_model=SubjectOut)
+@router.post(
+    "",
+    status_code=201,
+    response_model=SubjectOut,
+    responses={
+        413: {"description": "A photo, or the whole upload, is over the size limit"},
+        415: {"description": "A photo is not a JPEG, PNG or WebP"},
+    },
+)
 async def create_subject(
     request: Request,
     account: AccountDep,
@@ -36,7 +45,7 @@ async def create_subject(
     settings: SettingsDep,
     photos: Annotated[list[UploadFile], File(description="3-8 photos of one person")],
     class_noun: Annotated[str, Form()] = "person",
-    name: Annotated[str, Form()] = "",
+    name: Annotated[str, Form(pattern=NO_NUL)] = "",
 ) -> SubjectOut:
     limits = PhotoLimits.from_settings(settings)
     declared = int(request.headers.get("content-length") or 0)
