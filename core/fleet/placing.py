@@ -12,6 +12,7 @@ naming its worker; the caller sends it to that worker's queue after the commit
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,7 +24,14 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db.models import Job, JobStatus, Lora, Worker, utcnow
 from core.fleet.cost_store import observed_costs
-from core.fleet.costs import CostTable, JobShape, ObservedCost, job_shape, job_units
+from core.fleet.costs import (
+    CostTable,
+    JobShape,
+    ObservedCost,
+    UnknownShape,
+    job_shape,
+    job_units,
+)
 from core.fleet.placement import (
     GpuView,
     PendingJob,
@@ -42,6 +50,8 @@ from core.metrics import PLACEMENTS, QUEUE_WAIT
 # Any constant both schedulers agree on: the key of the placement lock.
 PLACEMENT_LOCK = 0x61746C72  # "atlr"
 GPU_KINDS = [kind.value for kind, pool in POOL_BY_KIND.items() if pool is Pool.gpu]
+
+log = logging.getLogger("atelier.placement")
 
 
 @dataclass(frozen=True)
@@ -140,14 +150,19 @@ async def place_round(
     workers = await live_gpu_workers(session, stale_after)
     gpus = await _views(session, workers, now)
     jobs = {str(job.id): job for job, _ in pending}
-    shapes = {key: job_shape(job) for key, job in jobs.items()}
+    shapes = _shapes(jobs)
     observed = await observed_costs(session, (shape.key for shape in shapes.values()))
     loras = await _lora_shas(session, [job for job, _ in pending])
-    views = [
-        _pending_view(job, since, shapes[str(job.id)], table,
-                      observed.get(shapes[str(job.id)].key), loras.get(job.id))
-        for job, since in pending
-    ]  # fmt: skip
+    views = []
+    for job, since in pending:
+        shape = shapes.get(str(job.id))
+        if shape is None:
+            continue
+        try:
+            views.append(_pending_view(job, since, shape, table, observed.get(shape.key),
+                                       loras.get(job.id)))  # fmt: skip
+        except UnknownShape as exc:
+            _unplaceable(job, exc)
     by_id = {view.id: view for view in views}
     placed = []
     # Placement's clock is seconds since the epoch.
@@ -165,6 +180,25 @@ async def place_round(
         placed.append(Placed(job.id, job.kind, placement.worker_id, placement.reason))
     await session.flush()
     return placed
+
+
+def _shapes(jobs: dict[str, Job]) -> dict[str, JobShape]:
+    """Each job's shape; a job whose shape cannot be told fails, alone."""
+    shapes = {}
+    for key, job in jobs.items():
+        try:
+            shapes[key] = job_shape(job)
+        except UnknownShape as exc:
+            _unplaceable(job, exc)
+    return shapes
+
+
+def _unplaceable(job: Job, exc: UnknownShape) -> None:
+    """A row whose params no spec reads, or a shape no cost row covers: fail that
+    job with the reason instead of stopping every placement round on it."""
+    log.error("job %s cannot be placed: %s", job.id, exc)
+    error = {"code": "unplaceable", "detail": f"cannot tell what the job costs: {exc}"}
+    finish(job, JobStatus.failed, stage="failed", error=error)
 
 
 def _pending_view(

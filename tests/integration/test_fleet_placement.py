@@ -145,6 +145,26 @@ async def test_vram_fit_and_a_job_too_big_for_the_fleet(
     assert "41.0 GiB" in refused.error["detail"] and "32.0 GiB" in refused.error["detail"]
 
 
+async def test_a_job_whose_cost_cannot_be_told_fails_alone(
+    fleet: tuple[Dispatcher, ArqRedis], sessions: Sessions
+) -> None:
+    """A row no spec reads (written by hand, or by an old release) fails with the
+    reason; it does not stop the placement round for the jobs behind it."""
+    dispatcher, _ = fleet
+    account = await _account(sessions)
+    broken = await _job(sessions, JobKind.train, account)
+    async with session_scope(sessions) as session:
+        await session.execute(
+            update(Job).where(col(Job.id) == broken).values(params={"steps": "many"})
+        )
+    fine = await _job(sessions, JobKind.generate, account)
+    await dispatcher.place()
+    failed = await _placed(sessions, broken)
+    assert failed.status == JobStatus.failed and failed.error
+    assert failed.error["code"] == "unplaceable"
+    assert (await _placed(sessions, fine)).status == JobStatus.scheduled
+
+
 async def test_generation_before_training_and_aging(
     fleet: tuple[Dispatcher, ArqRedis], sessions: Sessions
 ) -> None:
