@@ -7,6 +7,7 @@ from fastapi import APIRouter, Header
 from api.deps import AccountDep, SessionDep, SettingsDep
 from api.schemas import JobOut
 from core.generations import request_generation
+from core.idempotency import MAX_KEY_CHARS
 from core.jobs.specs import GenerationSpec
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -18,7 +19,7 @@ async def create_generation(
     account: AccountDep,
     session: SessionDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=MAX_KEY_CHARS)] = None,
 ) -> JobOut:
     """Start generating images of a subject; trains the subject first if needed
     (the job then has `depends_on` set to the training job).

@@ -11,6 +11,7 @@ from api.schemas import JobOut, SubjectOut
 from core import subjects
 from core.errors import PhotoTooLarge
 from core.generations import request_training
+from core.idempotency import MAX_KEY_CHARS
 from core.jobs.specs import TrainRequest
 from core.photos import PhotoLimits
 
@@ -83,7 +84,7 @@ async def train_subject(
     session: SessionDep,
     settings: SettingsDep,
     body: TrainRequest | None = None,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=MAX_KEY_CHARS)] = None,
 ) -> JobOut:
     job = await request_training(
         session, settings, account, subject_id, body, idempotency_key=idempotency_key
