@@ -8,6 +8,14 @@ and answers the moment it does. Waiters are woken by the process's change feed
 (Postgres LISTEN/NOTIFY), never by polling the database per waiter, and hold no
 database connection while they wait. Waiters of one resource share each
 re-read: ten thousand clients watching one look cost one read per change.
+
+Each process also remembers its last rendering of each (resource, reader) while
+its change feed is connected, dropped the moment the feed announces a change (or
+loses its connection) and after ``watched_cache_s`` at most: parts of a
+representation no trigger announces (signed URLs' expiry, catalog matches) are
+that stale at worst. A poll of an unchanged resource, 200 or 304, then reads
+nothing; a change committed elsewhere is seen once its notification arrives
+(milliseconds on one host), not before.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,6 +40,9 @@ T = TypeVar("T")
 MAX_WAIT_S = 60.0
 # What every watched representation tells caches: keep it, but revalidate (ETag).
 CACHE_CONTROL = "private, no-cache"
+# Resources whose renderings a process remembers, least recently read dropped
+# first: a few MB at most (a rendering is a few KB).
+CACHED_TOPICS = 2048
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,77 @@ class SharedReads:
         return await asyncio.shield(task)
 
 
+class RenderedCache:
+    """The last rendering of each (topic, reader), valid while the change feed is
+    connected and has announced no change of the topic, for ``ttl_s`` at most."""
+
+    def __init__(self, feed: ChangeFeed, ttl_s: float) -> None:
+        self._feed = feed
+        self._ttl_s = ttl_s
+        # topic -> reader -> (rendering, monotonic time it expires)
+        self._topics: OrderedDict[str, dict[str, tuple[Rendered, float]]] = OrderedDict()
+        # Changes seen, and when each topic being read (or all) last changed: a
+        # read that a change overtook is returned, never kept.
+        self._changes = 0
+        self._all_changed_at = 0
+        self._changed_at: dict[str, int] = {}
+        self._reading: Counter[str] = Counter()
+        feed.add_listener(self._changed)
+
+    def get(self, topic: str, reader: str) -> Rendered | None:
+        if not self._feed.connected:  # changes would go unannounced
+            return None
+        entry = self._topics.get(topic, {}).get(reader)
+        if entry is None or entry[1] <= time.monotonic():
+            return None
+        self._topics.move_to_end(topic)
+        return entry[0]
+
+    async def read(
+        self, topic: str, reader: str, render: Callable[[], Awaitable[Rendered]]
+    ) -> Rendered:
+        """``render()``, kept unless the topic changed (or the feed was down) meanwhile."""
+        started, connected = self._changes, self._feed.connected
+        self._reading[topic] += 1
+        try:
+            result = await render()
+        finally:
+            changed_at = max(self._changed_at.get(topic, 0), self._all_changed_at)
+            self._reading[topic] -= 1
+            if not self._reading[topic]:
+                del self._reading[topic]
+                self._changed_at.pop(topic, None)
+        if connected and self._feed.connected and changed_at <= started and self._ttl_s > 0:
+            self._keep(topic, reader, result)
+        return result
+
+    def _keep(self, topic: str, reader: str, result: Rendered) -> None:
+        readers = self._topics.setdefault(topic, {})
+        readers[reader] = (result, time.monotonic() + self._ttl_s)
+        self._topics.move_to_end(topic)
+        if len(self._topics) > CACHED_TOPICS:
+            self._topics.popitem(last=False)
+
+    def _changed(self, topic: str | None) -> None:
+        self._changes += 1
+        if topic is None:
+            self._all_changed_at = self._changes
+            self._topics.clear()
+            return
+        if topic in self._reading:
+            self._changed_at[topic] = self._changes
+        self._topics.pop(topic, None)
+
+
+def _rendered_cache(request: Request) -> RenderedCache:
+    """The process's cache, made on first use: it needs the feed the app started."""
+    state = request.app.state
+    cache: RenderedCache | None = getattr(state, "rendered_cache", None)
+    if cache is None:
+        cache = state.rendered_cache = RenderedCache(state.changes, state.settings.watched_cache_s)
+    return cache
+
+
 async def watched_response(
     request: Request,
     session: AsyncSession,
@@ -82,11 +165,16 @@ async def watched_response(
     shared: SharedReads = request.app.state.shared_reads
     if_none_match = request.headers.get("if-none-match")
 
-    async def read() -> Rendered:
+    cache = _rendered_cache(request)
+
+    async def render_own() -> Rendered:
         # A session of its own: a read shared by several waiters outlives none of
         # their requests' sessions.
         async with request.app.state.sessions() as own:
             return rendered(await render(own))
+
+    async def read() -> Rendered:
+        return cache.get(topic, reader) or await cache.read(topic, reader, render_own)
 
     # The request's session only authenticated: give its connection back, so a
     # waiter holds none while it waits.

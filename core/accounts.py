@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from sqlalchemy import func
@@ -19,6 +21,8 @@ KEY_PREFIX = "atl_"
 SYSTEM_ACCOUNT = "atelier-system"
 # Characters of the key kept in clear to tell keys apart in listings and logs.
 _SHOWN_CHARS = 12
+# Keys a process remembers (KeyCache), least recently used dropped first.
+_CACHED_KEYS = 10_000
 
 
 def hash_key(key: str) -> str:
@@ -49,16 +53,46 @@ async def create_key(session: AsyncSession, account_id: uuid.UUID) -> NewKey:
     return NewKey(account_id=account_id, key_id=row.id, key=key)
 
 
-async def authenticate(session: AsyncSession, key: str | None) -> uuid.UUID:
+class KeyCache:
+    """Accounts of keys found valid in the last ``ttl_s``, by key hash, so a client
+    polling does not cost a key lookup per request. A revoked key keeps working up
+    to ``ttl_s`` in a process that checked it just before; unknown keys are never
+    kept (a new key works at once, and guessing fills no memory)."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._accounts: OrderedDict[str, tuple[uuid.UUID, float]] = OrderedDict()
+
+    def get(self, key_hash: str) -> uuid.UUID | None:
+        entry = self._accounts.get(key_hash)
+        if entry is None or entry[1] <= time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, key_hash: str, account_id: uuid.UUID) -> None:
+        if self.ttl_s <= 0:
+            return
+        self._accounts[key_hash] = (account_id, time.monotonic() + self.ttl_s)
+        self._accounts.move_to_end(key_hash)
+        if len(self._accounts) > _CACHED_KEYS:
+            self._accounts.popitem(last=False)
+
+
+async def authenticate(
+    session: AsyncSession, key: str | None, cache: KeyCache | None = None
+) -> uuid.UUID:
     """The account a bearer key belongs to; Unauthorized for anything else."""
     if not key:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    query = select(ApiKey).where(
-        col(ApiKey.key_hash) == hash_key(key), col(ApiKey.revoked_at).is_(None)
-    )
+    key_hash = hash_key(key)
+    if cache is not None and (account_id := cache.get(key_hash)) is not None:
+        return account_id
+    query = select(ApiKey).where(col(ApiKey.key_hash) == key_hash, col(ApiKey.revoked_at).is_(None))
     row = (await session.exec(query)).first()
     if row is None:
         raise Unauthorized("invalid or revoked API key")
+    if cache is not None:
+        cache.put(key_hash, row.account_id)
     return row.account_id
 
 

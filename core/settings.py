@@ -231,6 +231,13 @@ class Settings(BaseSettings):
     # comment period (proxies drop connections silent for about a minute).
     max_wait_s: float = Field(60.0, gt=0)
     sse_keepalive_s: float = Field(15.0, gt=0)
+    # Polling without a database read (api/conditional.py): how long a process
+    # reuses a job's or look's rendering that no notification invalidated (what no
+    # trigger announces, signed URLs' expiry, is at most this stale); 0: never.
+    watched_cache_s: float = Field(1.0, ge=0)
+    # How long a process trusts an API key it checked: a revoked key keeps working
+    # this long in a process that saw it just before (core/accounts.py); 0: never.
+    key_cache_s: float = Field(5.0, ge=0)
     # Idempotency-Key: how long a key's first response is replayed (Stripe: 24 h),
     # and how long a request holding a key may run before a retry may take it over
     # (a process that died mid-request never answers).

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -90,6 +90,7 @@ class ChangeFeed:
         self._runner: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
         self._listening = asyncio.Event()
+        self._listeners: list[Callable[[str | None], None]] = []
         self.notifications = 0
 
     @property
@@ -100,7 +101,7 @@ class ChangeFeed:
     def watchers(self) -> int:
         return sum(t.watchers for t in self._topics.values())
 
-    async def start(self, *, wait_s: float = 5.0) -> None:
+    async def start(self, *, wait_s: float = 2.0) -> None:
         """Start listening; waits up to ``wait_s`` for the first connection (the
         process serves without it meanwhile: waits fall back to polling)."""
         self._runner = asyncio.create_task(self._run(), name="change-feed")
@@ -129,13 +130,23 @@ class ChangeFeed:
             if topic.watchers == 0:
                 del self._topics[topic_name]
 
+    def add_listener(self, listener: Callable[[str | None], None]) -> None:
+        """Call ``listener`` with every changed topic, watched or not, before its
+        waiters wake; with None when any topic may have changed unannounced (the
+        connection was gained or lost). A cache of renderings forgets by this."""
+        self._listeners.append(listener)
+
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
+        for listener in self._listeners:
+            listener(payload)
         topic = self._topics.get(payload)
         if topic is not None:
             topic.bump()
 
     def _wake_all(self) -> None:
+        for listener in self._listeners:
+            listener(None)
         for topic in self._topics.values():
             topic.bump()
 
