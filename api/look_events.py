@@ -6,7 +6,8 @@ changes or the keep-alive period passes. Events:
 
 - ``progress``: status, stage, progress, eta_s and the running stage's detail,
   whenever one of them changes;
-- ``stage``: the look entered a new stage (sent before that stage's progress);
+- ``stage``: the look entered a new stage (sent before that stage's progress; every
+  stage it went through, in order, even one that began and ended between two reads);
 - ``image``: one kept image with its products, once per image;
 - ``completed`` / ``failed`` / ``canceled``: the whole look; the stream ends.
 
@@ -26,7 +27,7 @@ from fastapi.responses import StreamingResponse
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.conditional import SharedReads
-from api.look_schemas import LookOut
+from api.look_schemas import LookOut, StageOut
 from core.db.changes import ChangeFeed
 
 MEDIA_TYPE = "text/event-stream"
@@ -47,13 +48,17 @@ def _progress(look: LookOut) -> dict[str, Any]:
     }
 
 
+def _entered(stage: StageOut) -> bool:
+    return stage.status in ("running", "succeeded") or stage.started_at is not None
+
+
 class _Differ:
     """What changed between two reads of a look, as events."""
 
     def __init__(self) -> None:
         self.number = 0
         self.progress: dict[str, Any] | None = None
-        self.stage: str | None = None
+        self.entered: list[str] = []
         self.images: set[str] = set()
 
     def _next(self, name: str, data: Any) -> bytes:
@@ -62,9 +67,14 @@ class _Differ:
 
     def events(self, look: LookOut) -> list[bytes]:
         out = []
-        if look.stage != self.stage and not look.status.finished:
-            out.append(self._next("stage", {"stage": look.stage, "previous": self.stage}))
-            self.stage = look.stage
+        # Every stage the look entered, in order, once: a stage shorter than a
+        # heartbeat (matching, on a small model) is never seen running, but it ran.
+        for stage in look.stages:
+            if stage.name.value in self.entered or not _entered(stage):
+                continue
+            previous = self.entered[-1] if self.entered else None
+            self.entered.append(stage.name.value)
+            out.append(self._next("stage", {"stage": stage.name.value, "previous": previous}))
         progress = _progress(look)
         if progress != self.progress:
             out.append(self._next("progress", progress))
