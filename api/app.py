@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
@@ -29,7 +28,6 @@ from core.blobs.signing import LazySigner
 from core.blobs.store import blob_store_from_settings
 from core.db.changes import ChangeFeed
 from core.db.engine import make_engine, make_sessionmaker
-from core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from core.settings import Settings, get_settings
 from core.shop.searcher import CatalogSearcher
 
@@ -86,18 +84,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (subjects, looks, generations, jobs, search, outputs, products, admin, system)
     for module in routers:
         app.include_router(module.router)
-
-    @app.middleware("http")
-    async def record_metrics(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        # Label by route template, not raw path, so ids don't explode cardinality.
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        HTTP_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
-        HTTP_LATENCY.labels(request.method, route).observe(time.perf_counter() - started)
-        return response
 
     # Added last, so outermost: a preflight is answered before anything else runs.
     app.add_middleware(

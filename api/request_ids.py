@@ -1,6 +1,10 @@
-"""Request ids: taken from the client's X-Request-ID if sane, else made; answered
-on every response and stamped on every log line (core/logs.py) while the request
-runs; one access line per request.
+"""The one per-request layer: request ids, the access line and the HTTP metrics.
+
+The id is the client's X-Request-ID if sane, else a new one; it is answered on
+every response and stamped on every log line (core/logs.py) while the request
+runs. One access line per request, and the request counted and timed by route
+template. Pure ASGI: this runs on every poll, and Starlette's BaseHTTPMiddleware
+(``@app.middleware("http")``) costs a task and a stream per request.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.logs import request_id_var
+from core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 HEADER = "X-Request-ID"
 # RFC 9110 token characters, at most 128: a client's id is echoed in a header and
@@ -55,19 +60,32 @@ class RequestIdMiddleware:
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500  # what the client gets if the app fails before answering
+        first_byte: float | None = None
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, first_byte
             if message["type"] == "http.response.start":
                 status = message["status"]
+                first_byte = time.perf_counter() - started
                 MutableHeaders(scope=message)[HEADER] = request_id
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            _log_access(scope, status, time.perf_counter() - started, request_id)
+            took = time.perf_counter() - started
+            _log_access(scope, status, took, request_id)
+            # Latency to the response's start: an event stream's whole life is
+            # not its latency.
+            _count(scope, status, took if first_byte is None else first_byte)
             request_id_var.reset(token)
+
+
+def _count(scope: Scope, status: int, seconds: float) -> None:
+    # Label by route template, not raw path, so ids don't explode cardinality.
+    route = getattr(scope.get("route"), "path", "unmatched")
+    HTTP_REQUESTS.labels(scope["method"], route, str(status)).inc()
+    HTTP_LATENCY.labels(scope["method"], route).observe(seconds)
 
 
 def _log_access(scope: Scope, status: int, seconds: float, request_id: str) -> None:

@@ -258,6 +258,11 @@ class Settings(BaseSettings):
     database_connect_timeout_s: float = Field(5.0, gt=0)
     redis_timeout_s: float = Field(5.0, gt=0)
     health_check_timeout_s: float = Field(2.0, gt=0)
+    # Connections a process keeps open to Postgres, and how many more it may open
+    # under a burst. An API process serves tens of concurrent requests: below that,
+    # requests queue for a connection or open new ones (bench/api_polling.py).
+    database_pool_size: int = Field(20, ge=1)
+    database_max_overflow: int = Field(10, ge=0)
     # Log lines as text or as one JSON object each (with request and job ids).
     log_format: Literal["text", "json"] = "text"
 

@@ -67,7 +67,7 @@ class Stack:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.setdefault("ATELIER_PUBLIC_BASE_URL", f"http://127.0.0.1:{self.port}")
         commands = {
-            "web": ["uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            "web": ["api", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             "scheduler": ["scheduler"],
             "gpu": ["worker", "gpu", "--device", "cpu", "--name", "rtx4090", "--vram", "24GiB"],
         }

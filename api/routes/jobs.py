@@ -41,8 +41,9 @@ async def get_job(
     ] = None,
 ) -> Response:
     """The job. Answers `ETag`; `If-None-Match` gives 304 while unchanged."""
-    await states.get_job(session, account, job_id)  # 404 before any wait
 
+    # An unknown job's first read raises 404 before any wait; an unchanged one's
+    # poll reads nothing (the process's rendering cache).
     async def render(own: AsyncSession) -> JobOut:
         return await job_view(own, signer, await states.get_job(own, account, job_id))
 

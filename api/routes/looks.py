@@ -104,8 +104,9 @@ async def get_look_route(
 ) -> Response:
     """The look: status, stage, progress and ETA, per-stage timings, the images
     with their products. Answers `ETag`; `If-None-Match` gives 304 while unchanged."""
-    await get_look(session, account, look_id)  # 404 before any wait
 
+    # An unknown look's first read raises 404 before any wait; an unchanged one's
+    # poll reads nothing (the process's rendering cache).
     async def render(own: AsyncSession) -> LookOut:
         return await read_look(own, settings, signer, searcher, account, look_id)
 

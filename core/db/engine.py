@@ -20,6 +20,8 @@ def make_engine(settings: Settings) -> AsyncEngine:
     return create_async_engine(
         settings.database_url,
         pool_pre_ping=True,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
         connect_args={"timeout": settings.database_connect_timeout_s},
     )
 
