@@ -5,6 +5,10 @@ shop, followed live on the look's event stream."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,9 @@ from httpx import AsyncClient
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from client import AtelierClient
+from api.look_schemas import LookOut
+from api.schemas import JobOut
+from client import AtelierClient, LookEvent
 from core.accounts import create_account_with_key
 from core.blobs.store import blob_store_from_settings
 from core.catalog.crawl import crawl_site
@@ -50,15 +56,24 @@ async def test_photos_and_prompt_to_four_images_with_buy_links(
         key = auth["Authorization"].removeprefix("Bearer ")
         async with AtelierClient(served, key) as atelier:
             subject = await atelier.create_subject(sample_photos)
-            look = await atelier.create_look(subject.id, "a Harry Potter costume", seed=7)
+            body = {"subject_id": str(subject.id), "prompt": "a Harry Potter costume", "seed": 7}
+            once = {"Idempotency-Key": f"look-{subject.id}"}
+            first = await atelier.request("POST", "/v1/looks", json=body, headers=dict(once))
+            again = await atelier.request("POST", "/v1/looks", json=body, headers=dict(once))
+            assert again.headers["idempotent-replayed"] == "true"
+            assert again.content == first.content  # one look, answered twice
+            look = LookOut.model_validate_json(first.content)
             assert look.status == "queued" and look.jobs.training is not None
-            events = [event async for event in atelier.look_events(look.id)]
-            unchanged = await atelier.request(
-                "GET",
-                f"/v1/looks/{look.id}",
-                headers={"If-None-Match": await _etag(atelier, look.id)},
+            events, woken_after = await asyncio.gather(
+                _events(atelier, look.id), _woken_after(atelier, look.jobs.training)
             )
-            assert unchanged.status_code == 304
+            assert woken_after < 1.0  # a long-poll hears of a change within 1 s
+            path, etag = f"/v1/looks/{look.id}", await _etag(atelier, look.id)
+            started = time.monotonic()
+            unchanged = await atelier.request(
+                "GET", path, headers={"If-None-Match": etag}, params={"wait": 0.5}
+            )
+            assert unchanged.status_code == 304 and time.monotonic() - started >= 0.5
             done = await atelier.look(look.id)
         names = [e.name for e in events]
         stages = [e.data["stage"] for e in events if e.name == "stage"]
@@ -85,3 +100,26 @@ async def _etag(atelier: AtelierClient, look_id: object) -> str:
 
 async def atelier_job(client: AsyncClient, auth: dict[str, str], job_id: str) -> dict:
     return dict((await client.get(f"/v1/jobs/{job_id}", headers=auth)).json())
+
+
+async def _events(atelier: AtelierClient, look_id: uuid.UUID) -> list[LookEvent]:
+    return [event async for event in atelier.look_events(look_id)]
+
+
+async def _woken_after(atelier: AtelierClient, job_id: object) -> float:
+    """Long-poll the job until one of its changes is heard; seconds from the change
+    (its updated_at, the same host's clock) to the answer."""
+    path = f"/v1/jobs/{job_id}"
+    answer = await atelier.request("GET", path)
+    seen = JobOut.model_validate_json(answer.content)
+    while seen.status not in ("succeeded", "failed", "canceled"):
+        headers = {"If-None-Match": answer.headers["etag"]}
+        answer = await atelier.request("GET", path, headers=headers, params={"wait": 30})
+        received = datetime.now(UTC)
+        if answer.status_code == 304:
+            continue
+        job = JobOut.model_validate_json(answer.content)
+        if job.updated_at != seen.updated_at:
+            return (received - job.updated_at).total_seconds()
+        seen = job
+    raise AssertionError(f"job {job_id} finished before a change was heard")
