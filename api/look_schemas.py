@@ -6,7 +6,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from api.schemas import OutputOut
 from api.shop_schemas import LookItemOut
@@ -51,7 +52,31 @@ class LookImageOut(BaseModel):
     )
 
 
+_LOOK_EXAMPLE: JsonDict = {
+    "id": "c0a8012e-7f4d-4b8e-9c61-5d2a3e4f6b70",
+    "subject_id": "3f2c1a9e-8d4b-4c59-9a57-1f0e6d2b7c41",
+    "status": "running", "stage": "generating", "progress": 0.71, "eta_s": 12.4,
+    "stages": [
+        {"name": "training", "status": "succeeded", "started_at": "2026-12-08T10:00:03Z",
+         "finished_at": "2026-12-08T10:02:40Z", "seconds": 157.0, "detail": {}},
+        {"name": "generating", "status": "running", "started_at": "2026-12-08T10:02:41Z",
+         "finished_at": None, "seconds": None,
+         "detail": {"step": "generating", "total": 30, "eta_s": 9.0}},
+        {"name": "matching", "status": "pending", "started_at": None, "finished_at": None,
+         "seconds": None, "detail": {}},
+    ],
+    "spec": {"subject_id": "3f2c1a9e-8d4b-4c59-9a57-1f0e6d2b7c41",
+             "prompt": "a Harry Potter costume", "num_images": 4, "candidates": 6, "seed": 42},
+    "jobs": {"training": "9b1d6f0e-52c3-4c1e-8f7a-0d3e2b6a9c15",
+             "generation": "5e7a2c9d-1b3f-4d6e-8a0c-2f4b6d8e0a13", "video": None},
+    "images": [], "video": None, "error": None, "created_at": "2026-12-08T10:00:01Z",
+    "canceled_at": None, "finished_at": None,
+}  # fmt: skip
+
+
 class LookOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [_LOOK_EXAMPLE]})
+
     id: uuid.UUID
     subject_id: uuid.UUID
     status: LookStatus

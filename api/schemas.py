@@ -6,13 +6,20 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from core.blobs.signing import UrlSigner
 from core.db.models import Job, Output, Subject
 
 
 class SubjectOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{
+            "id": "3f2c1a9e-8d4b-4c59-9a57-1f0e6d2b7c41", "name": "me", "class_noun": "woman",
+            "token": "pfw", "photo_count": 4, "created_at": "2026-12-08T10:00:00Z",
+        }]}
+    )  # fmt: skip
+
     id: uuid.UUID
     name: str
     class_noun: str
@@ -56,6 +63,20 @@ class OutputOut(BaseModel):
 
 
 class JobOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{
+            "id": "9b1d6f0e-52c3-4c1e-8f7a-0d3e2b6a9c15", "kind": "train", "status": "running",
+            "subject_id": "3f2c1a9e-8d4b-4c59-9a57-1f0e6d2b7c41", "depends_on": None,
+            "stage": "training", "progress": 0.42,
+            "progress_detail": {"step": 170, "total": 400, "loss": 0.0831, "eta_s": 96.5},
+            "attempts": 1, "max_attempts": 3, "cancel_requested": False,
+            "params": {"profile": "sdxl", "steps": 400}, "error": None, "result": None,
+            "outputs": [], "created_at": "2026-12-08T10:00:01Z",
+            "scheduled_at": "2026-12-08T10:00:02Z", "started_at": "2026-12-08T10:00:03Z",
+            "finished_at": None, "updated_at": "2026-12-08T10:01:14Z",
+        }]}
+    )  # fmt: skip
+
     id: uuid.UUID
     kind: str
     status: str

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from sqlalchemy import and_, exists, or_
 from sqlalchemy.orm import aliased
 from sqlmodel import col, select
@@ -37,6 +37,16 @@ class LookSpec(GenerationSpec):
     """What a look asks for: a generation's spec (prompt, images, candidates,
     filters...) and whether to render the spin video of the image the shopper
     picks first."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "subject_id": "3f2c1a9e-8d4b-4c59-9a57-1f0e6d2b7c41",
+            "prompt": "my next Halloween costume for a Harry Potter themed party",
+            "num_images": 4,
+            "filters": {"category": "Coats", "max_price": "800.00", "currency": "EUR"},
+        }]},
+    )  # fmt: skip
 
     video: bool = Field(
         False, description="also render a spin video of the first image (not available yet)"

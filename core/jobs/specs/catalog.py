@@ -3,7 +3,7 @@ the fashion CLIP, fine-tuning the fashion CLIP's heads."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from core.db.models import JobKind
 from core.errors import InvalidInput
@@ -37,6 +37,8 @@ class CrawlSpec(JobSpec):
     """A crawl job: the body of POST /v1/admin/crawls and the row. Whether the site
     exists is checked when the job is created (core.handlers.crawl.check_site)."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"site": "fixture"}]})
+
     kind = JobKind.crawl
 
     site: str = Field(
@@ -55,6 +57,11 @@ class CatalogEmbedSpec(JobSpec):
 
 class ClipFinetuneSpec(JobSpec):
     """A clip_finetune job's request, row and handler contract; None = the setting."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"steps": 400, "reason": "the spring catalog arrived"}]},
+    )
 
     kind = JobKind.clip_finetune
 

@@ -66,6 +66,19 @@ class ProductFilters(BaseModel):
 
 class GenerationSpec(JobSpec):
     kind = JobKind.generate
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "subject_id": "3f2c1a9e-8d4b-4c59-9a57-1f0e6d2b7c41",
+                    "prompt": "a Harry Potter costume",
+                    "num_images": 4,
+                    "seed": 42,
+                }
+            ]
+        },
+    )
 
     subject_id: uuid.UUID
     prompt: str = Field(description="what the subject wears, e.g. 'a Harry Potter costume'")

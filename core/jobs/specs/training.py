@@ -31,7 +31,7 @@ class TrainRequest(BaseModel):
     """The body of POST /v1/subjects/{id}/train: the public part of a TrainSpec
     (``with_subjects`` excludes the subject the path names; the row lists them all)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"steps": 400}]})
 
     steps: int | None = Field(
         None, ge=1, description="training steps (default: the profile's; at most"
