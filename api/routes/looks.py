@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -38,68 +40,68 @@ Wait = Annotated[
 ]
 
 
-async def look_view(
-    session: AsyncSession,
-    settings: Settings,
-    signer: UrlSigner,
-    searcher: CatalogSearcher,
-    detail: LookDetail,
-) -> LookOut:
-    index = await searcher.holder.current(session) if detail.outputs else None
-    spec = detail.spec
-    k = spec.products_per_image or settings.products_per_image
-    images = []
-    for output in detail.outputs:
-        views = await look_item_views(session, output.id, index, spec.filters, k)
-        images.append(
-            LookImageOut(
-                output=OutputOut.of(output, signer),
-                products=[LookItemOut.of(v, signer) for v in views],
-            )
-        )
-    return LookOut.of(detail, images)
+@dataclass(frozen=True)
+class LookReader:
+    """Renders an account's looks: their images with signed URLs and their products
+    (alternatives for sold-out ones from the process's catalog index)."""
+
+    account: uuid.UUID
+    settings: Settings
+    signer: UrlSigner
+    searcher: CatalogSearcher
+
+    async def view(self, session: AsyncSession, detail: LookDetail) -> LookOut:
+        index = await self.searcher.holder.current(session) if detail.outputs else None
+        spec = detail.spec
+        k = spec.products_per_image or self.settings.products_per_image
+        images = []
+        for output in detail.outputs:
+            views = await look_item_views(session, output.id, index, spec.filters, k)
+            products = [LookItemOut.of(v, self.signer) for v in views]
+            images.append(LookImageOut(output=OutputOut.of(output, self.signer), products=products))
+        return LookOut.of(detail, images)
+
+    async def read(self, session: AsyncSession, look_id: uuid.UUID) -> LookOut:
+        look = await get_look(session, self.account, look_id)
+        return await self.view(session, await read_detail(session, look))
+
+    def renderer(self, look_id: uuid.UUID) -> Callable[[AsyncSession], Awaitable[LookOut]]:
+        """The look's rendering in any session (a long-poll or stream re-reads it)."""
+        return lambda session: self.read(session, look_id)
 
 
-async def read_look(
-    session: AsyncSession,
-    settings: Settings,
-    signer: UrlSigner,
-    searcher: CatalogSearcher,
-    account: uuid.UUID,
-    look_id: uuid.UUID,
-) -> LookOut:
-    look = await get_look(session, account, look_id)
-    return await look_view(session, settings, signer, searcher, await read_detail(session, look))
+def _reader(
+    account: AccountDep, settings: SettingsDep, signer: SignerDep, searcher: SearcherDep
+) -> LookReader:
+    return LookReader(account, settings, signer, searcher)
+
+
+ReaderDep = Annotated[LookReader, Depends(_reader)]
 
 
 @router.post("", status_code=201, response_model=LookOut)
 async def start_look(
     body: LookSpec,
-    account: AccountDep,
     session: SessionDep,
     settings: SettingsDep,
-    signer: SignerDep,
-    searcher: SearcherDep,
+    reader: ReaderDep,
     response: Response,
 ) -> LookOut:
     """Start a look: trains the subject when it has no LoRA for the profile, then
     generates `num_images` images (of `candidates`, reranked), grounded in in-stock
     products, and matches each to products. Poll it with `GET /v1/looks/{id}`
     (`If-None-Match`, `?wait=`) or follow `GET /v1/looks/{id}/events`."""
-    look = await create_look(session, settings, account, body)
+    look = await create_look(session, settings, reader.account, body)
     response.headers["Location"] = f"/v1/looks/{look.id}"
-    return await read_look(session, settings, signer, searcher, account, look.id)
+    return await reader.read(session, look.id)
 
 
 @router.get("/{look_id}", response_model=LookOut)
 async def get_look_route(
     look_id: uuid.UUID,
     request: Request,
-    account: AccountDep,
     session: SessionDep,
-    settings: SettingsDep,
-    signer: SignerDep,
-    searcher: SearcherDep,
+    reader: ReaderDep,
     wait: Wait = None,
 ) -> Response:
     """The look: status, stage, progress and ETA, per-stage timings, the images
@@ -107,11 +109,13 @@ async def get_look_route(
 
     # An unknown look's first read raises 404 before any wait; an unchanged one's
     # poll reads nothing (the process's rendering cache).
-    async def render(own: AsyncSession) -> LookOut:
-        return await read_look(own, settings, signer, searcher, account, look_id)
-
     return await watched_response(
-        request, session, topic=look_topic(look_id), reader=str(account), render=render, wait=wait
+        request,
+        session,
+        topic=look_topic(look_id),
+        reader=str(reader.account),
+        render=reader.renderer(look_id),
+        wait=wait,
     )
 
 
@@ -119,32 +123,23 @@ async def get_look_route(
 async def look_events(
     look_id: uuid.UUID,
     request: Request,
-    account: AccountDep,
     session: SessionDep,
-    settings: SettingsDep,
-    signer: SignerDep,
-    searcher: SearcherDep,
+    reader: ReaderDep,
 ) -> StreamingResponse:
     """Server-Sent Events: `progress` (status, stage, progress, ETA), `stage` (a new
     stage began), `image` (an image and its products, once each), then one of
     `completed`, `failed`, `canceled` with the whole look, and the stream ends.
     A reconnecting client gets the current state again (images included)."""
-    await get_look(session, account, look_id)
+    await get_look(session, reader.account, look_id)  # 404 before the stream starts
     await session.rollback()
-
-    async def render(own: AsyncSession) -> LookOut:
-        return await read_look(own, settings, signer, searcher, account, look_id)
-
-    return look_event_stream(request, look_topic(look_id), str(account), render)
+    topic, account = look_topic(look_id), str(reader.account)
+    return look_event_stream(request, topic, account, reader.renderer(look_id))
 
 
 @router.get("", response_model=LookPage)
 async def list_looks_route(
-    account: AccountDep,
     session: SessionDep,
-    settings: SettingsDep,
-    signer: SignerDep,
-    searcher: SearcherDep,
+    reader: ReaderDep,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=50)] = 10,
     status: LookStatus | None = None,
@@ -152,25 +147,19 @@ async def list_looks_route(
 ) -> LookPage:
     """The account's looks, newest first, with cursor pagination."""
     page = await list_looks(
-        session, account, limit=limit, cursor=cursor, subject_id=subject_id, status=status
+        session, reader.account, limit=limit, cursor=cursor, subject_id=subject_id, status=status
     )
-    items = [
-        await look_view(session, settings, signer, searcher, await read_detail(session, look))
-        for look in page.looks
-    ]
+    items = [await reader.view(session, await read_detail(session, look)) for look in page.looks]
     return LookPage(items=items, next_cursor=page.next_cursor)
 
 
 @router.post("/{look_id}/cancel", response_model=LookOut)
 async def cancel_look_route(
     look_id: uuid.UUID,
-    account: AccountDep,
     session: SessionDep,
-    settings: SettingsDep,
-    signer: SignerDep,
-    searcher: SearcherDep,
+    reader: ReaderDep,
 ) -> LookOut:
     """Cancel the look's work: waiting children now, running ones at their next step;
     409 when it already finished."""
-    await cancel_look(session, account, look_id)
-    return await read_look(session, settings, signer, searcher, account, look_id)
+    await cancel_look(session, reader.account, look_id)
+    return await reader.read(session, look_id)

@@ -49,8 +49,8 @@ def test_matching_is_the_generation_jobs_last_part() -> None:
 def test_a_failed_training_fails_the_look_with_its_own_error() -> None:
     error = {"code": "training-failed", "detail": "loss went to nan"}
     train = _job(JobKind.train, JobStatus.failed, error=error, finished_at=NOW)
-    gen = _job(JobKind.generate, JobStatus.failed, finished_at=NOW,
-               error={"code": "dependency-failed", "detail": "it waited for a failed job"})  # fmt: skip
+    waited = {"code": "dependency-failed", "detail": "it waited for a failed job"}
+    gen = _job(JobKind.generate, JobStatus.failed, finished_at=NOW, error=waited)
     state = look_state(_look(), Children(train, gen), {}, NOW)
     assert state.status is LookStatus.failed and state.error == error
     assert state.eta_s is None and state.finished_at == NOW
