@@ -11,6 +11,7 @@ heartbeats) lives in a background thread and sends model calls here.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import queue
 from collections.abc import Callable
@@ -29,7 +30,9 @@ class MainThreadRunner:
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the serving thread and wait for it without blocking the loop."""
         future: Future[T] = Future()
-        self._calls.put((functools.partial(fn, *args, **kwargs), future))
+        # In the caller's context: log lines of model code carry the job's id.
+        context = contextvars.copy_context()
+        self._calls.put((functools.partial(context.run, fn, *args, **kwargs), future))
         return await asyncio.wrap_future(future)
 
     def serve(self) -> None:
