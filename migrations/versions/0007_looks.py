@@ -21,19 +21,21 @@ JSONB = postgresql.JSONB(astext_type=sa.Text())
 TIMESTAMP = sa.DateTime(timezone=True)
 UUID = sa.Uuid()
 
-# Every committed change to a job or a look is announced on one channel as
-# "job <id>" or "look <id>"; a job's change also names the looks it belongs to.
+# Every committed change to a job or a look (erasure's deletes included: a cached
+# rendering must not outlive its row) is announced on one channel as "job <id>" or
+# "look <id>"; a job's change also names the looks it belongs to.
 # Postgres delivers notifications at commit and folds duplicates within one
 # transaction, so a waiter wakes once per commit, never before the row is visible.
 NOTIFY_FUNCTIONS = ("""
 CREATE FUNCTION atelier_notify_job() RETURNS trigger AS $$
 DECLARE
+    changed uuid := CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END;
     owner uuid;
 BEGIN
-    PERFORM pg_notify('atelier_change', 'job ' || NEW.id::text);
+    PERFORM pg_notify('atelier_change', 'job ' || changed::text);
     FOR owner IN
         SELECT id FROM look
-        WHERE train_job_id = NEW.id OR generate_job_id = NEW.id OR video_job_id = NEW.id
+        WHERE train_job_id = changed OR generate_job_id = changed OR video_job_id = changed
     LOOP
         PERFORM pg_notify('atelier_change', 'look ' || owner::text);
     END LOOP;
@@ -43,15 +45,15 @@ $$ LANGUAGE plpgsql
 """, """
 CREATE FUNCTION atelier_notify_look() RETURNS trigger AS $$
 BEGIN
-    PERFORM pg_notify('atelier_change', 'look ' || NEW.id::text);
+    PERFORM pg_notify('atelier_change', 'look ' || (CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END)::text);
     RETURN NULL;
 END
 $$ LANGUAGE plpgsql
 """, """
-CREATE TRIGGER job_notify AFTER INSERT OR UPDATE ON job
+CREATE TRIGGER job_notify AFTER INSERT OR UPDATE OR DELETE ON job
     FOR EACH ROW EXECUTE FUNCTION atelier_notify_job()
 """, """
-CREATE TRIGGER look_notify AFTER INSERT OR UPDATE ON look
+CREATE TRIGGER look_notify AFTER INSERT OR UPDATE OR DELETE ON look
     FOR EACH ROW EXECUTE FUNCTION atelier_notify_look()
 """)
 

@@ -147,3 +147,13 @@ async def test_the_routes_refuse_unknown_fields(
     response = await client.post(path.format(subject=uuid.uuid4()), headers=headers, json=body)
     assert response.status_code == 422, response.text
     assert "extra" in response.text.lower() or "not permitted" in response.text.lower()
+
+
+def test_numbers_take_json_numbers_only() -> None:
+    """As the OpenAPI document says: true is not 1 and "3" is not 3; 3.0 is 3."""
+    assert ClipFinetuneSpec.model_validate({"steps": 3.0}).steps == 3
+    for bad in ({"seed": False}, {"steps": "3"}, {"learning_rate": True}):
+        with pytest.raises(ValidationError):
+            ClipFinetuneSpec.model_validate(bad)
+    with pytest.raises(ValidationError):
+        TrainRequest.model_validate({"steps": True})

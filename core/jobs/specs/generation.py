@@ -84,7 +84,10 @@ class GenerationSpec(JobSpec):
     prompt: str = Field(description="what the subject wears, e.g. 'a Harry Potter costume'")
     num_images: int = Field(4, ge=1, description="images kept (at most ATELIER_MAX_IMAGES)")
     seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="candidate i uses seed + i (default: random)"
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="candidate i uses seed + i (default: random)",
     )
     negative_prompt: str = ""
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="default: the profile's")
@@ -109,6 +112,7 @@ class GenerationSpec(JobSpec):
     )
     grounding: bool | None = Field(
         None,
+        strict=True,
         description="enrich the prompt with the best-matching in-stock products"
         " (default: ATELIER_GROUNDING)",
     )

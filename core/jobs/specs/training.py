@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import uuid
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from core.db.models import JobKind
 from core.errors import InvalidInput
-from core.jobs.specs.base import JobSpec
+from core.jobs.specs.base import JobSpec, NumbersAreNumbers
 from core.jobs.specs.generation import served_profile
 from core.settings import Settings
 
@@ -27,7 +27,7 @@ MAX_PROFILE_CHARS = 64
 _PROFILE_HELP = "model profile (default ATELIER_PROFILE; any of ATELIER_PROFILES)"
 
 
-class TrainRequest(BaseModel):
+class TrainRequest(NumbersAreNumbers):
     """The body of POST /v1/subjects/{id}/train: the public part of a TrainSpec
     (``with_subjects`` excludes the subject the path names; the row lists them all)."""
 
