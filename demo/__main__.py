@@ -241,8 +241,8 @@ def _event_line(event: LookEvent) -> str | None:
     data = event.data
     if event.name == "stage":
         return f"[look] stage {data['stage']}"
-    if event.name != "progress":
-        return None
+    if event.name != "progress" or data["status"] in ("succeeded", "failed", "canceled"):
+        return None  # the look's summary follows
     detail = data["detail"]
     line = f"[look] {data['status']:<9} {data['stage']:<10} {data['progress']:.0%}"
     if "total" in detail:
@@ -264,10 +264,12 @@ async def run_look(base_url: str, key: str, prompt: str) -> None:
         started = time.monotonic()
         look = await atelier.create_look(subject.id, prompt, num_images=4, seed=42)
         print(f"look {look.id}: {base_url}/v1/looks/{look.id}")
+        last = None
         async for event in atelier.look_events(look.id):
             line = _event_line(event)
-            if line:
+            if line and line != last:  # progress whose printed fields did not change
                 print(line, flush=True)
+                last = line
         done = await atelier.look(look.id)
         if done.status != "succeeded":
             raise SystemExit(f"look {done.status}: {done.error}")
