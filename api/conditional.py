@@ -180,7 +180,9 @@ async def watched_response(
     # waiter holds none while it waits.
     await session.rollback()
     with feed.watch(topic) as watch:
-        current = await read()
+        # Shared too: when a rendering expires, the polls that miss together read
+        # once (twenty clients' misses at one instant were the latency's tail).
+        current = await shared.read((topic, watch.version, reader), read)
         limit = min(wait or 0.0, request.app.state.settings.max_wait_s)
         if limit > 0:
             baseline = if_none_match if if_none_match else current.etag
