@@ -49,7 +49,9 @@ class LookSpec(GenerationSpec):
     )  # fmt: skip
 
     video: bool = Field(
-        False, description="also render a spin video of the first image (not available yet)"
+        False,
+        strict=True,
+        description="also render a spin video of the first image (not available yet)",
     )
 
     def resolve(self, settings: Settings) -> LookSpec:
