@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.db.models import IdempotencyKey, Job
+from core.db.models import IdempotencyKey, Job, Subject
 from core.errors import AtelierError, ErrorKind
 
 MAX_KEY_CHARS = 255
@@ -165,18 +165,19 @@ async def claim(
 async def _free_expired_job_key(
     session: AsyncSession, account_id: uuid.UUID, key: str, expired: datetime
 ) -> None:
-    """Jobs keep the key they were made with (create_job's backstop for a request
-    whose process died before its response was stored). Past the TTL the key is the
-    client's again, so a job that old lets go of it."""
-    await session.execute(
-        update(Job)
-        .where(
-            col(Job.account_id) == account_id,
-            col(Job.idempotency_key) == key,
-            col(Job.created_at) < expired,
+    """Jobs and subjects keep the key they were made with (the backstop for a
+    request whose process died before its response was stored). Past the TTL the
+    key is the client's again, so a row that old lets go of it."""
+    for table in (Job, Subject):
+        await session.execute(
+            update(table)
+            .where(
+                col(table.account_id) == account_id,
+                col(table.idempotency_key) == key,
+                col(table.created_at) < expired,
+            )
+            .values(idempotency_key=None)
         )
-        .values(idempotency_key=None)
-    )
 
 
 def _held(account_id: uuid.UUID, key: str, lease: datetime) -> Any:

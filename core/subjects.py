@@ -99,14 +99,24 @@ async def create_subject(
     class_noun: str,
     name: str,
     limits: PhotoLimits,
+    idempotency_key: str | None = None,
 ) -> Subject:
+    """A subject from its photos, checked and stored. With an Idempotency-Key, the
+    subject an earlier request with that key made is returned instead (the API's
+    idempotency layer replays answers; this covers a process that died after the
+    commit and before its answer was recorded)."""
+    if idempotency_key is not None:
+        earlier = await _subject_with_key(session, account_id, idempotency_key)
+        if earlier is not None:
+            return earlier
     noun = check_class_noun(class_noun)
     if len(name) > MAX_NAME_CHARS:
         raise InvalidInput(f"name is longer than {MAX_NAME_CHARS} characters", field="name")
     # Decoding photos is CPU work: keep it off the event loop.
     photos = await asyncio.to_thread(_normalize_all, uploads, limits)
     token = await _free_token(session, account_id)
-    subject = Subject(account_id=account_id, name=name, class_noun=noun, token=token)
+    subject = Subject(account_id=account_id, name=name, class_noun=noun, token=token,
+                      idempotency_key=idempotency_key)  # fmt: skip
     try:
         for position, photo in enumerate(photos):
             key = photo_key(subject.id, position)
@@ -135,6 +145,15 @@ async def create_subject(
         await store.delete_prefix(subject_prefix(subject.id))
         raise
     return subject
+
+
+async def _subject_with_key(
+    session: AsyncSession, account_id: uuid.UUID, key: str
+) -> Subject | None:
+    query = select(Subject).where(
+        col(Subject.account_id) == account_id, col(Subject.idempotency_key) == key
+    )
+    return (await session.exec(query)).first()
 
 
 async def _free_token(session: AsyncSession, account_id: uuid.UUID) -> str:

@@ -47,6 +47,7 @@ async def create_subject(
     photos: Annotated[list[UploadFile], File(description="3-8 photos of one person")],
     class_noun: Annotated[str, Form()] = "person",
     name: Annotated[str, Form(pattern=NO_NUL)] = "",
+    idempotency_key: Annotated[str | None, Header(max_length=MAX_KEY_CHARS)] = None,
 ) -> SubjectOut:
     limits = PhotoLimits.from_settings(settings)
     declared = int(request.headers.get("content-length") or 0)
@@ -64,8 +65,10 @@ async def create_subject(
         class_noun=class_noun,
         name=name,
         limits=limits,
+        idempotency_key=idempotency_key,
     )
-    return SubjectOut.of(subject, len(uploads))
+    stored = await subjects.subject_photos(session, subject.id)
+    return SubjectOut.of(subject, len(stored))
 
 
 @router.get("/{subject_id}", response_model=SubjectOut)

@@ -104,12 +104,17 @@ class ApiKey(SQLModel, table=True):
 
 
 class Subject(SQLModel, table=True):
+    __table_args__ = (
+        # A retried upload whose first answer was lost returns the first subject.
+        UniqueConstraint("account_id", "idempotency_key", name="uq_subject_idempotency"),
+    )
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     account_id: uuid.UUID = _fk("account.id")
     name: str = ""
     class_noun: str
     # The rare-token identifier DreamBooth binds this person to.
     token: str
+    idempotency_key: str | None = None
     created_at: datetime = _created()
 
 

@@ -95,6 +95,10 @@ def upgrade() -> None:
     )
     op.create_index('ix_idempotency_key_created_at', 'idempotency_key', ['created_at'])
 
+    # The backstop of a subject upload's Idempotency-Key (as job rows have one).
+    op.add_column('subject', sa.Column('idempotency_key', sa.String(), nullable=True))
+    op.create_unique_constraint('uq_subject_idempotency', 'subject', ['account_id', 'idempotency_key'])
+
     op.create_table(
         'secret',
         sa.Column('name', sa.String(64), primary_key=True),
@@ -111,5 +115,7 @@ def downgrade() -> None:
     op.execute('DROP FUNCTION atelier_notify_look()')
     op.execute('DROP FUNCTION atelier_notify_job()')
     op.drop_table('secret')
+    op.drop_constraint('uq_subject_idempotency', 'subject', type_='unique')
+    op.drop_column('subject', 'idempotency_key')
     op.drop_table('idempotency_key')
     op.drop_table('look')

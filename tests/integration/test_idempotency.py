@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from httpx import ASGITransport, AsyncClient, Response
 from redis.asyncio import Redis
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -284,6 +284,29 @@ async def test_a_subject_upload_replays_whatever_the_multipart_boundary(
     assert await _count(sessions, Subject) == 1
     other = await upload("first-boundary", list(reversed(sample_photos)))
     assert other.status_code == 422 and other.json()["type"] == REUSED
+
+
+async def test_a_subject_whose_answer_was_lost_is_not_made_twice(
+    client: AsyncClient,
+    auth: dict[str, str],
+    sample_photos: list,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """The process died after committing the subject, before its answer was kept:
+    the key's record is gone (here: deleted) and the retry runs the route again,
+    which finds the subject the key made instead of making a second one."""
+    headers, files = _keyed(auth, "lost-answer"), photo_files(sample_photos)
+    first = await client.post("/v1/subjects", headers=headers, files=files)
+    assert first.status_code == 201, first.text
+    async with session_scope(sessions) as session:
+        await session.execute(
+            delete(IdempotencyKey).where(col(IdempotencyKey.key) == "lost-answer")
+        )
+    retry = await client.post("/v1/subjects", headers=headers, files=files)
+    assert retry.status_code == 201 and not _replayed(retry)
+    assert retry.json()["id"] == first.json()["id"]
+    assert retry.json()["photo_count"] == len(sample_photos)
+    assert await _count(sessions, Subject) == 1
 
 
 async def test_the_scheduler_sweeps_only_keys_past_the_ttl(
