@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 MODELS ?= var/models
 
-.PHONY: install services db model demo test lint run clean
+.PHONY: install services bench-tools db model demo test lint run clean
 
 # The venv, with everything (torch included) from pyproject.toml. Re-runs when it changes.
 $(STAMP): pyproject.toml
@@ -19,6 +19,11 @@ install: $(STAMP)
 
 services:
 	@scripts/services.sh
+
+# What the benchmarks drive from outside Python: wrk (bench.api_polling), from apt.
+bench-tools: install
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
 db: install services
 	$(PY) -m core.db.create

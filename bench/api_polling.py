@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -152,6 +153,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=20)
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: `make bench-tools` installs it (apt)")
     args = parser.parse_args()
     _settings, fixture = prepare(args)
     apis = [
