@@ -6,11 +6,15 @@ from __future__ import annotations
 import base64
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, tuple_
+from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel.sql.expression import SelectOfScalar
 
 from core.errors import InvalidInput
+
+Row = TypeVar("Row")
 
 
 def encode_cursor(at: datetime, row_id: uuid.UUID) -> str:
@@ -31,3 +35,24 @@ def before_cursor(at_column: Any, id_column: Any, cursor: str) -> ColumnElement[
     """Rows after the cursor's row in (at desc, id desc) order."""
     at, row_id = decode_cursor(cursor)
     return tuple_(at_column, id_column) < tuple_(at, row_id)
+
+
+async def newest_first(
+    session: AsyncSession,
+    query: SelectOfScalar[Row],
+    at_column: Any,
+    id_column: Any,
+    *,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Row], str | None]:
+    """One page of ``query`` in (at desc, id desc) order after ``cursor``, and the
+    cursor of the next page (None on the last)."""
+    if cursor:
+        query = query.where(before_cursor(at_column, id_column, cursor))
+    query = query.order_by(at_column.desc(), id_column.desc()).limit(limit + 1)
+    rows = list((await session.exec(query)).all())
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], encode_cursor(getattr(last, at_column.key), getattr(last, id_column.key))

@@ -21,7 +21,7 @@ from sqlalchemy.orm import aliased
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.cursor import before_cursor, encode_cursor
+from core.cursor import newest_first
 from core.db.models import ACTIVE, Job, JobStatus, Look, Output, utcnow
 from core.errors import Conflict, InvalidInput, NotFound
 from core.fleet.cost_store import observed_costs
@@ -195,15 +195,10 @@ async def list_looks(
         query = query.where(col(Look.subject_id) == subject_id)
     if status is not None:
         query = query.where(_status_filter(status))  # type: ignore[arg-type]
-    if cursor:
-        query = query.where(before_cursor(col(Look.created_at), col(Look.id), cursor))
-    query = query.order_by(col(Look.created_at).desc(), col(Look.id).desc()).limit(limit + 1)
-    rows = (await session.exec(query)).all()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return LookPage(
-        rows, encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None
+    rows, after = await newest_first(
+        session, query, col(Look.created_at), col(Look.id), limit=limit, cursor=cursor
     )
+    return LookPage(rows, after)
 
 
 async def _shared(session: AsyncSession, training: Job, look: Look) -> bool:

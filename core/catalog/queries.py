@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, exists, func, literal_column, or_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.cursor import before_cursor, encode_cursor
+from core.cursor import newest_first
 from core.db.catalog_models import CatalogImage, CrawlRun, Product, ProductImage, ProductPrice
 from core.errors import NotFound
 
@@ -96,13 +96,9 @@ async def search_products(
 ) -> ProductPage:
     """Newest first (first seen, then id): a stable order a cursor can resume."""
     query = select(Product).where(*_conditions(f))
-    if cursor:
-        query = query.where(before_cursor(col(Product.first_seen), col(Product.id), cursor))
-    query = query.order_by(col(Product.first_seen).desc(), col(Product.id).desc())
-    rows = (await session.exec(query.limit(limit + 1))).all()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = encode_cursor(rows[-1].first_seen, rows[-1].id) if more and rows else None
+    rows, next_cursor = await newest_first(
+        session, query, col(Product.first_seen), col(Product.id), limit=limit, cursor=cursor
+    )
     return ProductPage(rows, await first_images([p.id for p in rows], session), next_cursor)
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.cursor import before_cursor, encode_cursor
+from core.cursor import newest_first
 from core.db.models import ACTIVE, Job, JobKind, JobStatus, utcnow
 from core.errors import Conflict, NotFound
 from core.idempotency import IdempotencyKeyReused
@@ -114,13 +114,10 @@ async def list_jobs(
         query = query.where(col(Job.status) == status.value)
     if kind is not None:
         query = query.where(col(Job.kind) == kind.value)
-    if cursor:
-        query = query.where(before_cursor(col(Job.created_at), col(Job.id), cursor))
-    query = query.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit + 1)
-    rows = (await session.exec(query)).all()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(rows, encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None)
+    rows, after = await newest_first(
+        session, query, col(Job.created_at), col(Job.id), limit=limit, cursor=cursor
+    )
+    return Page(rows, after)
 
 
 async def cancel_job(session: AsyncSession, account_id: uuid.UUID, job_id: uuid.UUID) -> Job:
